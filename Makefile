@@ -1,0 +1,62 @@
+# Every target is self-sufficient from a clean clone: the first one that needs
+# the virtual environment creates it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTO_SRC := proto/ambient/v1/sessions.proto proto/ambient/testing/v1/echo.proto
+GEN_FILES := $(foreach p,$(PROTO_SRC),$(patsubst proto/%.proto,ambient_grpc_auth/_proto/%,$(p)))
+
+.PHONY: install proto proto-check lint test demo bench bench-quick soak buf-lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Regenerate the committed stubs. The virtual proto path makes the generated
+# modules import each other as ambient_grpc_auth._proto.ambient.v1.*, so they
+# need no hand edits.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iambient_grpc_auth/_proto=proto \
+		--python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+
+# Fails when the committed stubs differ from what proto/ generates.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && \
+	$(PY) -m grpc_tools.protoc -Iambient_grpc_auth/_proto=proto \
+		--python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO_SRC) && \
+	for g in $(GEN_FILES); do for f in $${g}_pb2.py $${g}_pb2.pyi $${g}_pb2_grpc.py; do \
+		cmp -s $$tmp/$$f $$f || { \
+			echo "proto-check: $$f differs from what proto/ generates; run 'make proto'"; \
+			rm -rf $$tmp; exit 1; }; \
+	done; done; rm -rf $$tmp; echo "proto-check: generated stubs match proto/"
+
+buf-lint: $(STAMP)
+	$(VENV)/bin/buf lint proto
+
+lint: $(STAMP) buf-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/ambient-grpc-auth demo
+
+bench: $(STAMP)
+	$(VENV)/bin/ambient-grpc-auth bench
+
+bench-quick: $(STAMP)
+	$(VENV)/bin/ambient-grpc-auth bench --quick
+
+soak: $(STAMP)
+	$(VENV)/bin/ambient-grpc-auth soak
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

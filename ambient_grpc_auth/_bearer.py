@@ -1,0 +1,77 @@
+"""Building and parsing the ``authorization`` metadata (pure, no I/O).
+
+The wire form is ``authorization: Bearer <token>``; the scheme is matched
+case-insensitively. Errors carry fixed reasons only, never the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .errors import TokenRejectedError
+
+__all__ = [
+    "AUTHORIZATION_KEY",
+    "DEFAULT_MAX_TOKEN_BYTES",
+    "authorization_metadata",
+    "extract_bearer",
+    "mask",
+]
+
+AUTHORIZATION_KEY = "authorization"
+DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
+_SCHEME = "bearer"
+
+
+def authorization_metadata(token: str) -> tuple[str, str]:
+    """The metadata pair that carries ``token``."""
+    return (AUTHORIZATION_KEY, "Bearer " + token)
+
+
+def mask(value: str | bytes | None) -> str:
+    """A log-safe stand-in for a secret: its length only."""
+    if value is None:
+        return "<none>"
+    return f"<redacted {len(value)} chars>"
+
+
+def _is_printable_ascii(token: str) -> bool:
+    # Visible ASCII only (0x21-0x7e): no spaces, controls or non-ASCII.
+    return token.isascii() and token.isprintable() and " " not in token
+
+
+def extract_bearer(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+    *,
+    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+) -> str:
+    """Return the bearer token from invocation metadata.
+
+    Exactly one ``authorization`` value is accepted; it must be
+    ``Bearer <token>`` (scheme case-insensitive, one space) with a non-empty
+    token of at most ``max_token_bytes`` visible ASCII characters.
+
+    Raises :class:`TokenRejectedError` (UNAUTHENTICATED) with a fixed reason:
+    ``missing``, ``duplicate``, ``malformed``, ``oversized``.
+    """
+    found: str | bytes | None = None
+    count = 0
+    for key, value in metadata or ():
+        if key == AUTHORIZATION_KEY:
+            count += 1
+            found = value
+    if count == 0 or found is None:
+        raise TokenRejectedError("missing")
+    if count > 1:
+        raise TokenRejectedError("duplicate")
+    if isinstance(found, bytes):
+        raise TokenRejectedError("malformed")
+    # Scheme (6) + space + token; checked before any slicing of a huge value.
+    if len(found) > max_token_bytes + 7:
+        raise TokenRejectedError("oversized")
+    scheme, sep, token = found.partition(" ")
+    if not sep or scheme.lower() != _SCHEME or not token:
+        raise TokenRejectedError("malformed")
+    if not _is_printable_ascii(token):
+        raise TokenRejectedError("malformed")
+    return token

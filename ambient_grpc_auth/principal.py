@@ -1,0 +1,76 @@
+"""The authenticated caller, as handlers see it.
+
+The server interceptor sets the principal in a :mod:`contextvars` variable
+around the handler's own work, so :func:`current_principal` works in unary
+and streaming handlers, in sync ``grpc`` and in ``grpc.aio``. Outside an
+authenticated call it returns ``None``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["CallerKind", "Principal", "current_principal", "principal_scope"]
+
+
+class CallerKind(enum.Enum):
+    USER = "user"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling.
+
+    ``username`` is the token's subject (or the configured name of the static
+    service token); ``session_scope`` is set for runner tokens that may act on
+    one session only; ``claims`` are the verified JWT claims (empty for the
+    static token).
+    """
+
+    username: str
+    kind: CallerKind
+    session_scope: str | None = None
+    issuer: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def is_service(self) -> bool:
+        return self.kind is CallerKind.SERVICE
+
+    def may_access_session(self, session_id: str) -> bool:
+        """True when a session scope, if any, allows ``session_id``."""
+        return self.session_scope is None or self.session_scope == session_id
+
+    def __repr__(self) -> str:
+        # Claims may carry personal data; keep reprs short.
+        return (
+            f"Principal(username={self.username!r}, kind={self.kind.value}, "
+            f"session_scope={self.session_scope!r}, issuer={self.issuer!r})"
+        )
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "ambient_grpc_auth_principal", default=None
+)
+
+
+def current_principal() -> Principal | None:
+    """The caller of the RPC being handled, or ``None`` when unauthenticated."""
+    return _current.get()
+
+
+@contextmanager
+def principal_scope(principal: Principal | None) -> Iterator[None]:
+    """Make ``principal`` current for the duration of the ``with`` block."""
+    token = _current.set(principal)
+    try:
+        yield
+    finally:
+        _current.reset(token)
