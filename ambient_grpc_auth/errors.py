@@ -59,7 +59,9 @@ class TokenRejectedError(AmbientAuthError):
     a generic details string; ``reason`` is logged and counted server-side.
     """
 
-    def __init__(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> None:
+    def __init__(
+        self, reason: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code

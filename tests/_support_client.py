@@ -1,0 +1,380 @@
+"""Test support for the runner-side client: fake token sources, an Echo server
+that records what it sees, a bearer-checking server interceptor (sync), and
+helpers to run the reference SessionService behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from ambient_grpc_auth._bearer import extract_bearer
+from ambient_grpc_auth._clock import Clock
+from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.errors import TokenRejectedError, TokenUnavailableError
+from ambient_grpc_auth.tokens import Token
+
+# Fast channel reconnects so restart tests do not wait for gRPC's 1 s+ backoff.
+FAST_RECONNECT = (
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 200),
+)
+
+ECHO = "/ambient.testing.v1.EchoService/Echo"
+STREAM_ECHO = "/ambient.testing.v1.EchoService/StreamEcho"
+COLLECT_ECHO = "/ambient.testing.v1.EchoService/CollectEcho"
+CHAT_ECHO = "/ambient.testing.v1.EchoService/ChatEcho"
+WATCH = "/ambient.v1.SessionService/WatchSessionMessages"
+PUSH = "/ambient.v1.SessionService/PushSessionMessage"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)
+
+
+async def async_wait_until(
+    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(interval)
+
+
+# --- token sources --------------------------------------------------------------
+
+
+class CountingSource:
+    """A refreshable fake: mints ``tok-1``, ``tok-2``... and caches the current
+    one until it is invalidated. ``fail_next`` failures are raised first."""
+
+    def __init__(self, prefix: str = "tok") -> None:
+        self.prefix = prefix
+        self.fetches = 0
+        self.invalidated: list[str] = []
+        self.fail_next = 0
+        self.fail_retryable = True
+        self._current: Token | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Token | None:
+        return self._current
+
+    def get_token(self) -> Token:
+        with self._lock:
+            if self._current is None:
+                if self.fail_next:
+                    self.fail_next -= 1
+                    raise TokenUnavailableError(
+                        "control plane unreachable (test)", retryable=self.fail_retryable
+                    )
+                self.fetches += 1
+                self._current = Token(f"{self.prefix}-{self.fetches}", None)
+            return self._current
+
+    async def get_token_async(self) -> Token:
+        return self.get_token()
+
+    def invalidate(self, token: Token) -> None:
+        with self._lock:
+            self.invalidated.append(token.value)
+            if self._current is not None and self._current.value == token.value:
+                self._current = None
+
+
+class MintingSource:
+    """An uncached fake upstream (wrap it in CachingTokenSource): every call
+    mints a new token valid for ``ttl`` seconds of ``clock``. ``delay`` makes
+    a fetch slow (a real sleep in sync, an asyncio sleep in async)."""
+
+    def __init__(self, clock: Clock, *, ttl: float = 600.0, delay: float = 0.0) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.delay = delay
+        self.calls = 0
+        self.failures = 0
+        self.fail_next = 0
+        self._lock = threading.Lock()
+
+    def _mint(self) -> Token:
+        with self._lock:
+            self.calls += 1
+            if self.fail_next:
+                self.fail_next -= 1
+                self.failures += 1
+                raise TokenUnavailableError("control plane unreachable (test)", retryable=True)
+            return Token(f"minted-{self.calls}", self.clock.time() + self.ttl)
+
+    def get_token(self) -> Token:
+        if self.delay:
+            time.sleep(self.delay)
+        return self._mint()
+
+    async def get_token_async(self) -> Token:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return self._mint()
+
+
+class FixedSource:
+    """Always the same token; no invalidate (not refreshable)."""
+
+    def __init__(self, value: str = "static-token") -> None:
+        self.token = Token(value, None)
+        self.fetches = 0
+
+    def get_token(self) -> Token:
+        self.fetches += 1
+        return self.token
+
+    async def get_token_async(self) -> Token:
+        return self.get_token()
+
+
+class FailingSource:
+    def __init__(self, *, retryable: bool, exc: Exception | None = None) -> None:
+        self.retryable = retryable
+        self.exc = exc
+
+    def get_token(self) -> Token:
+        if self.exc is not None:
+            raise self.exc
+        raise TokenUnavailableError("control plane said no (test)", retryable=self.retryable)
+
+    async def get_token_async(self) -> Token:
+        return self.get_token()
+
+
+# --- server side ----------------------------------------------------------------
+
+
+@dataclass
+class AuthState:
+    """What the test server accepts, and what it saw (thread-safe enough for tests)."""
+
+    revoked: set[str] = field(default_factory=set)
+    reject_all: bool = False
+    seen: list[tuple[str, str | None]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, method: str, token: str | None) -> None:
+        with self.lock:
+            self.seen.append((method, token))
+
+    def accepts(self, token: str | None) -> bool:
+        with self.lock:
+            return token is not None and not self.reject_all and token not in self.revoked
+
+    def revoke(self, token: str) -> None:
+        with self.lock:
+            self.revoked.add(token)
+
+    def tokens(self, method: str | None = None) -> list[str | None]:
+        with self.lock:
+            return [t for m, t in self.seen if method is None or m == method]
+
+
+def _bearer_of(metadata: Any) -> str | None:
+    try:
+        return extract_bearer(metadata)
+    except TokenRejectedError:
+        return None
+
+
+def _deny(context: grpc.ServicerContext) -> Any:
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
+
+
+class BearerCheck(grpc.ServerInterceptor):
+    """Accepts a call when its bearer is not revoked; a streaming response is
+    also ended with UNAUTHENTICATED at its next message once its token gets
+    revoked (as a server that re-checks expiry would)."""
+
+    def __init__(self, state: AuthState) -> None:
+        self.state = state
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        token = _bearer_of(details.invocation_metadata)
+        self.state.record(details.method, token)
+        accepted = self.state.accepts(token)
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+            return grpc.unary_unary_rpc_method_handler(
+                (lambda req, ctx: inner_uu(req, ctx)) if accepted else (lambda r, c: _deny(c)),
+                **kwargs,
+            )
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(
+                (lambda it, ctx: inner_su(it, ctx)) if accepted else (lambda r, c: _deny(c)),
+                **kwargs,
+            )
+        state = self.state
+
+        def guarded(items: Iterator[Any], ctx: grpc.ServicerContext) -> Iterator[Any]:
+            for item in items:
+                if not state.accepts(token):
+                    ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "token revoked")
+                yield item
+
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(
+                (lambda req, ctx: guarded(inner_us(req, ctx), ctx))
+                if accepted
+                else (lambda r, c: _deny(c)),
+                **kwargs,
+            )
+        inner_ss = handler.stream_stream
+        return grpc.stream_stream_rpc_method_handler(
+            (lambda it, ctx: guarded(inner_ss(it, ctx), ctx))
+            if accepted
+            else (lambda r, c: _deny(c)),
+            **kwargs,
+        )
+
+
+@dataclass
+class Seen:
+    method: str
+    metadata: dict[str, list[str | bytes]]
+    time_remaining: float | None
+
+
+class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
+    """Echoes, and records each call's metadata and remaining deadline."""
+
+    def __init__(self) -> None:
+        self.calls: list[Seen] = []
+        self._lock = threading.Lock()
+
+    def _record(self, method: str, context: grpc.ServicerContext) -> str:
+        md: dict[str, list[str | bytes]] = {}
+        for key, value in context.invocation_metadata():
+            md.setdefault(key, []).append(value)
+        remaining = context.time_remaining()
+        with self._lock:
+            self.calls.append(Seen(method, md, remaining))
+        auth = md.get("authorization", [""])[0]
+        return auth if isinstance(auth, str) else ""
+
+    def Echo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        caller = self._record("Echo", context)
+        return echo_pb2.EchoResponse(text=request.text, caller=caller)
+
+    def StreamEcho(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        caller = self._record("StreamEcho", context)
+        for i in range(max(1, min(request.count, 100))):
+            yield echo_pb2.EchoResponse(text=request.text, index=i, caller=caller)
+
+    def CollectEcho(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        caller = self._record("CollectEcho", context)
+        texts = [r.text for r in request_iterator]
+        return echo_pb2.EchoResponse(text="+".join(texts), index=len(texts), caller=caller)
+
+    def ChatEcho(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        caller = self._record("ChatEcho", context)
+        for i, r in enumerate(request_iterator):
+            yield echo_pb2.EchoResponse(text=r.text, index=i, caller=caller)
+
+
+@dataclass
+class EchoServer:
+    server: grpc.Server
+    port: int
+    auth: AuthState
+    servicer: EchoServicer
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(None).wait(5)
+
+    def restart(self) -> None:
+        """Start a new server on the same port (the old one must be stopped)."""
+        self.server = _bind_echo(self.port, self.auth, self.servicer, self.options)
+
+
+def _bind_echo(
+    port: int,
+    auth: AuthState,
+    servicer: EchoServicer,
+    options: tuple[tuple[str, Any], ...],
+    credentials: grpc.ServerCredentials | None = None,
+) -> grpc.Server:
+    deadline = time.monotonic() + 5.0
+    address = f"127.0.0.1:{port}"
+    while True:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=16),
+            interceptors=[BearerCheck(auth)],
+            options=list(options),
+        )
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, server)
+        try:
+            if credentials is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            bound = 0
+        if bound and (port == 0 or bound == port):
+            server.start()
+            server._ambient_port = bound  # type: ignore[attr-defined]
+            return server
+        server.stop(None)
+        if time.monotonic() > deadline:
+            raise RuntimeError("could not bind the test port again")
+        time.sleep(0.05)
+
+
+def start_echo_server(
+    *,
+    port: int = 0,
+    auth: AuthState | None = None,
+    options: tuple[tuple[str, Any], ...] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> EchoServer:
+    """An Echo server on 127.0.0.1 (``port`` 0: any free port) behind
+    :class:`BearerCheck`. ``credentials`` makes it a secure port."""
+    auth = auth or AuthState()
+    servicer = EchoServicer()
+    server = _bind_echo(port, auth, servicer, options, credentials)
+    return EchoServer(server, server._ambient_port, auth, servicer, options)  # type: ignore[attr-defined]
+
+
+def reserve_port() -> int:
+    """A port that was just free on 127.0.0.1 (bound and released by gRPC)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.stop(None)
+    return port

@@ -1,0 +1,168 @@
+"""Helpers for runner-side tests: a scripted HTTP server on 127.0.0.1:0 (in a
+thread, usable from sync and async tests alike), RSA keys, JWT helpers and
+fake token sources."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ambient_grpc_auth.errors import TokenUnavailableError
+from ambient_grpc_auth.keys import public_key_pem
+from ambient_grpc_auth.tokens import Token
+
+# An HMAC key for test JWTs; only the (unverified) exp claim matters here.
+_JWT_KEY = "k" * 32
+
+
+def make_jwt(exp: float | None, **claims: object) -> str:
+    body: dict[str, object] = {"sub": "runner", **claims}
+    if exp is not None:
+        body["exp"] = int(exp)
+    return jwt.encode(body, _JWT_KEY, algorithm="HS256")
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before answering (ends early at server stop)
+
+    @classmethod
+    def json(cls, doc: object, status: int = 200) -> Reply:
+        return cls(status, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+
+
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    path: str
+    authorization: str | None
+
+
+Handler = Callable[[Seen], Reply]
+
+
+class ScriptedServer:
+    """An HTTP/1.1 server whose answers come from ``handler`` (settable)."""
+
+    def __init__(self) -> None:
+        self.handler: Handler = lambda seen: Reply(404, b"no handler")
+        self.requests: list[Seen] = []
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        outer = self
+
+        class _H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                seen = Seen("GET", self.path, self.headers.get("Authorization"))
+                with outer._lock:
+                    outer.requests.append(seen)
+                reply = outer.handler(seen)
+                if reply.delay:
+                    outer.stopping.wait(reply.delay)
+                try:
+                    self.send_response(reply.status)
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                except OSError:
+                    pass  # the client gave up (timeout tests)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _H)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def url(self, path: str = "/token") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def __enter__(self) -> ScriptedServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+@functools.cache
+def shared_rsa_key() -> rsa.RSAPrivateKey:
+    """One RSA key per test process; 2048 bits keeps the suite fast (the proof
+    format does not depend on the size)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def shared_public_pem() -> str:
+    return public_key_pem(shared_rsa_key().public_key()).decode("ascii")
+
+
+def b64_pem(pem: str) -> str:
+    return base64.b64encode(pem.encode()).decode()
+
+
+class FakeSource:
+    """A scriptable TokenSource. ``results`` is consumed in order (Token or
+    exception); when empty, ``default`` is returned. ``gate`` (threading) and
+    ``async_gate`` (asyncio) block fetches until set. Counts calls."""
+
+    def __init__(self, *results: Token | BaseException, default: Token | None = None) -> None:
+        self.results = list(results)
+        self.default = default
+        self.calls = 0
+        self.gate: threading.Event | None = None
+        self.async_gate: asyncio.Event | None = None
+        self.entered = threading.Event()
+        self._lock = threading.Lock()
+
+    def _next(self) -> Token:
+        with self._lock:
+            self.calls += 1
+            item = self.results.pop(0) if self.results else self.default
+        if item is None:
+            raise TokenUnavailableError("fake source exhausted", retryable=True)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def get_token(self) -> Token:
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(30), "gate never opened"
+        return self._next()
+
+    async def get_token_async(self) -> Token:
+        self.entered.set()
+        if self.async_gate is not None:
+            await asyncio.wait_for(self.async_gate.wait(), 30)
+        return self._next()
