@@ -213,21 +213,29 @@ class _Topic:
 class Subscription:
     """A watcher's registration for "a higher seq was committed" signals.
 
-    Obtained from :meth:`SessionStore.subscribe`. :meth:`close` is idempotent
-    and thread-safe (call it from RPC-termination callbacks too). After it, or
-    after the store is closed, waits return at once and :attr:`active` is
-    False; :attr:`store_closed` tells the two apart.
+    Obtained from :meth:`SessionStore.subscribe` *before* the first read, so
+    that nothing committed after that read goes unannounced. Typical loop:
+    take :meth:`recent` messages, else read a page from the store; send them;
+    then :meth:`wait` (or :meth:`wait_async`) for a seq above the last one sent.
+
+    Thread-safe. :meth:`close` is idempotent (call it from RPC-termination
+    callbacks too). After it, or after the store is closed, waits return at
+    once and :attr:`active` is False; :attr:`store_closed` tells the two apart.
     """
 
-    __slots__ = ("_hub", "_store_closed", "_topic", "_waker", "active", "session_id")
+    __slots__ = ("_active", "_hub", "_store_closed", "_topic", "_waker", "session_id")
 
     def __init__(self, hub: _Hub, session_id: str, topic: _Topic) -> None:
         self._hub = hub
         self._topic = topic
         self.session_id = session_id
-        self.active = True
+        self._active = True
         self._store_closed = False
         self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._active
 
     @property
     def store_closed(self) -> bool:
@@ -239,19 +247,20 @@ class Subscription:
         topic = self._topic
         with topic.cond:
             return topic.cond.wait_for(
-                lambda: not self.active or topic.published > after_seq, timeout
+                lambda: not self._active or topic.published > after_seq, timeout
             )
 
     async def wait_async(self, after_seq: int) -> None:
         """``grpc.aio`` twin of :meth:`wait`, without timeout: cancel the task to
         stop waiting. Publishers wake it with ``call_soon_threadsafe``, so writes
         may happen on any thread. The hub lock is only ever held for a few
-        dictionary operations, so taking it on the event loop does not stall it."""
+        set, dict and short list operations, never across I/O, so taking it on
+        the event loop does not stall it."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         topic = self._topic
         with topic.cond:
-            if not self.active or topic.published > after_seq:
+            if not self._active or topic.published > after_seq:
                 return
             self._waker = (loop, event)
             topic.armed.add(self)
@@ -331,9 +340,9 @@ class _Hub:
             self._end_locked(sub, store_closed=store_closed)
 
     def _end_locked(self, sub: Subscription, *, store_closed: bool) -> None:
-        if not sub.active:
+        if not sub._active:
             return
-        sub.active = False
+        sub._active = False
         sub._store_closed = store_closed
         topic = sub._topic
         topic.subscribers.discard(sub)

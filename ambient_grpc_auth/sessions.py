@@ -90,6 +90,15 @@ def _check_after_seq(after_seq: object) -> int:
     return after_seq
 
 
+def _code_of(err: grpc.RpcError) -> grpc.StatusCode:
+    code = getattr(err, "code", None)
+    try:
+        value = code() if callable(code) else None
+    except Exception:  # an error object without a readable status
+        value = None
+    return value if isinstance(value, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
 def _token_error(err: BaseException) -> Any:
     # Set by the interceptor when the call was not sent for lack of a token.
     return getattr(err, "token_error", None)
@@ -218,7 +227,7 @@ class SessionWatch(Iterator[sessions_pb2.SessionMessage]):
         while True:
             if self._closed.is_set():
                 raise StopIteration
-            call = self._call or self._open()
+            call = self._call if self._call is not None else self._open()
             try:
                 message: sessions_pb2.SessionMessage = next(call)
             except StopIteration:
@@ -231,8 +240,7 @@ class SessionWatch(Iterator[sessions_pb2.SessionMessage]):
                 self._drop_call(call, cancel=False)
                 if self._closed.is_set():
                     raise StopIteration from None
-                code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-                self._after_end(code, err)
+                self._after_end(_code_of(err), err)
                 continue
             verdict = self._state.on_message(message.seq)
             if verdict is MessageVerdict.DELIVER:

@@ -378,3 +378,66 @@ def reserve_port() -> int:
     port = server.add_insecure_port("127.0.0.1:0")
     server.stop(None)
     return port
+
+
+# --- the reference SessionService behind BearerCheck ----------------------------------
+
+
+@dataclass
+class SessionServer:
+    """The reference SessionService (SQLite file, so it survives restarts)
+    behind :class:`BearerCheck`, with one session."""
+
+    store: Any
+    auth: AuthState
+    server: grpc.Server
+    port: int
+    session_id: str
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def append(self, count: int = 1) -> list[int]:
+        return [
+            self.store.append(self.session_id, "event", f"payload-{i}").seq for i in range(count)
+        ]
+
+    def stop(self) -> None:
+        self.server.stop(None).wait(5)
+
+    def restart(self) -> None:
+        self.server = _serve_sessions(self.store, self.auth, self.port)
+
+    def close(self) -> None:
+        self.stop()
+        self.store.close()
+
+
+def _serve_sessions(store: Any, auth: AuthState, port: int) -> grpc.Server:
+    from ambient_grpc_auth.reference import serve
+
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            server, bound = serve(store, f"127.0.0.1:{port}", interceptors=[BearerCheck(auth)])
+        except RuntimeError:
+            bound = 0
+        else:
+            if port == 0 or bound == port:
+                server._ambient_port = bound  # type: ignore[attr-defined]
+                return server
+            server.stop(None)
+        if time.monotonic() > deadline:
+            raise RuntimeError("could not bind the session server port again")
+        time.sleep(0.05)
+
+
+def start_session_server(db_path: str) -> SessionServer:
+    from ambient_grpc_auth.reference import SessionStore
+
+    store = SessionStore(db_path)
+    session_id = store.create_session("client-tests").metadata.id
+    auth = AuthState()
+    server = _serve_sessions(store, auth, 0)
+    return SessionServer(store, auth, server, server._ambient_port, session_id)  # type: ignore[attr-defined]

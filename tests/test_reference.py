@@ -15,12 +15,22 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from _support_reference import (
+    AsyncPrincipalInterceptor,
+    PrincipalInterceptor,
+    as_service,
+    as_user,
+    async_wait_until,
+    extra_threads,
+    wait_until,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2 as pb
 from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2_grpc as pb_grpc
+from ambient_grpc_auth._store import check_push_allowed, status_of, validate_watch
 from ambient_grpc_auth.aio.reference import serve as aio_serve
 from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.reference import (
@@ -30,17 +40,6 @@ from ambient_grpc_auth.reference import (
     SessionStore,
     SessionStoreError,
     serve,
-)
-from ambient_grpc_auth._store import check_push_allowed, status_of, validate_watch
-
-from _support_reference import (
-    AsyncPrincipalInterceptor,
-    PrincipalInterceptor,
-    as_service,
-    as_user,
-    async_wait_until,
-    extra_threads,
-    wait_until,
 )
 
 Code = grpc.StatusCode
@@ -85,7 +84,8 @@ def test_store_session_round_trip_and_metadata() -> None:
         assert s.owner_of("nope") is None
         assert s.owner_of("") is None
         assert s.owner_of("x" * (MAX_ID_CHARS + 1)) is None
-        assert s.session_exists(sid) and s.session_exists(bare.metadata.id)
+        assert s.session_exists(sid)
+        assert s.session_exists(bare.metadata.id)
         assert not s.session_exists("nope")
         clock.advance(2)
         message = s.append(sid, "assistant", "hi")
@@ -110,7 +110,10 @@ def test_store_session_round_trip_and_metadata() -> None:
         (lambda s, sid: s.append("", "t", "p"), Code.INVALID_ARGUMENT),
         (lambda s, sid: s.append("unknown", "t", "p"), Code.NOT_FOUND),
         (lambda s, sid: s.append(sid, "", "p"), Code.INVALID_ARGUMENT),
-        (lambda s, sid: s.append(sid, "t" * (MAX_EVENT_TYPE_CHARS + 1), "p"), Code.INVALID_ARGUMENT),
+        (
+            lambda s, sid: s.append(sid, "t" * (MAX_EVENT_TYPE_CHARS + 1), "p"),
+            Code.INVALID_ARGUMENT,
+        ),
         (lambda s, sid: s.append(sid, "t", "x" * 101), Code.INVALID_ARGUMENT),
         (lambda s, sid: s.append(sid, "t", "é" * 51), Code.INVALID_ARGUMENT),
         (lambda s, sid: s.append(sid, "t", "\ud800"), Code.INVALID_ARGUMENT),
@@ -158,12 +161,14 @@ def test_read_messages_pages_are_bounded(store: SessionStore) -> None:
     for i in range(PAGE_SIZE + 3):
         store.append(sid, "t", str(i))
     first = store.read_messages(sid, 0)
-    assert [m.seq for m in first.messages] == list(range(1, PAGE_SIZE + 1)) and first.more
+    assert [m.seq for m in first.messages] == list(range(1, PAGE_SIZE + 1))
+    assert first.more
     rest = store.read_messages(sid, PAGE_SIZE)
     assert [m.seq for m in rest.messages] == [PAGE_SIZE + 1, PAGE_SIZE + 2, PAGE_SIZE + 3]
     assert not rest.more
     by_bytes = store.read_messages(sid, 0, max_bytes=5)
-    assert [m.seq for m in by_bytes.messages] == [1, 2, 3, 4, 5] and by_bytes.more
+    assert [m.seq for m in by_bytes.messages] == [1, 2, 3, 4, 5]
+    assert by_bytes.more
     assert store.read_messages("unknown", 0).messages == ()
 
 
@@ -171,18 +176,22 @@ def test_subscription_signals_and_close(store: SessionStore) -> None:
     sid = store.create_session("n").metadata.id
     sub = store.subscribe(sid)
     other = store.subscribe(sid)
-    assert store.subscriber_count(sid) == 2 and store.subscriber_count() == 2
+    assert store.subscriber_count(sid) == 2
+    assert store.subscriber_count() == 2
     assert sub.wait(0, timeout=0.01) is False
     store.append(sid, "t", "p")
     assert sub.wait(0, timeout=0) is True
     assert sub.wait(1, timeout=0.01) is False
     sub.close()
     sub.close()  # idempotent
-    assert not sub.active and not sub.store_closed
+    assert not sub.active
+    assert not sub.store_closed
     assert sub.wait(1, timeout=None) is True
     assert store.subscriber_count(sid) == 1
     store.close()
-    assert not other.active and other.store_closed and store.subscriber_count() == 0
+    assert not other.active
+    assert other.store_closed
+    assert store.subscriber_count() == 0
     with pytest.raises(SessionStoreError) as exc_info:
         store.subscribe(sid)
     assert _code(exc_info) is Code.UNAVAILABLE
@@ -243,10 +252,11 @@ class Api:
         return await fn(request, metadata=metadata, timeout=10)
 
     async def code_of(self, method: str, request: Any, metadata: Any = ()) -> Code:
-        with pytest.raises(grpc.RpcError) as exc_info:
-            if method == "WatchSessionMessages":
+        if method == "WatchSessionMessages":
+            with pytest.raises(grpc.RpcError) as exc_info:
                 await self.watch(request, 1)
-            else:
+        else:
+            with pytest.raises(grpc.RpcError) as exc_info:
                 await self.call(method, request, metadata)
         code: Code = exc_info.value.code()
         return code
@@ -302,13 +312,15 @@ async def test_create_get_round_trip(api: Api) -> None:
         "CreateSession", pb.CreateSessionRequest(name="demo", project_id="p1"), as_user("alice")
     )
     sid = created.metadata.id
-    assert created.created_by_user_id == "alice" and created.project_id == "p1"
+    assert created.created_by_user_id == "alice"
+    assert created.project_id == "p1"
     assert created.metadata.href == f"/api/ambient/v1/sessions/{sid}"
     got = await api.call("GetSession", pb.GetSessionRequest(id=sid))
     assert got == created
     assert api.store.owner_of(sid) == "alice"
     anonymous = await api.call("CreateSession", pb.CreateSessionRequest(name="anon"))
-    assert not anonymous.HasField("created_by_user_id") and not anonymous.HasField("project_id")
+    assert not anonymous.HasField("created_by_user_id")
+    assert not anonymous.HasField("project_id")
     assert await api.code_of("GetSession", pb.GetSessionRequest(id="unknown")) is Code.NOT_FOUND
     assert await api.code_of("GetSession", pb.GetSessionRequest(id="")) is Code.INVALID_ARGUMENT
 
@@ -317,11 +329,15 @@ async def test_push_then_watch_replays_and_streams(api: Api) -> None:
     sid = api.store.create_session("n").metadata.id
     for i in range(3):
         pushed = await api.call(
-            "PushSessionMessage", pb.PushSessionMessageRequest(session_id=sid, event_type="t", payload=str(i))
+            "PushSessionMessage",
+            pb.PushSessionMessageRequest(session_id=sid, event_type="t", payload=str(i)),
         )
-        assert pushed.seq == i + 1 and pushed.payload == str(i)
+        assert pushed.seq == i + 1
+        assert pushed.payload == str(i)
     assert await api.watch(pb.WatchSessionMessagesRequest(session_id=sid), 3) == [1, 2, 3]
-    live = asyncio.create_task(api.watch(pb.WatchSessionMessagesRequest(session_id=sid, after_seq=2), 3))
+    live = asyncio.create_task(
+        api.watch(pb.WatchSessionMessagesRequest(session_id=sid, after_seq=2), 3)
+    )
     assert await async_wait_until(lambda: api.store.subscriber_count(sid) == 1)
     await asyncio.to_thread(api.store.append, sid, "t", "x")
     await asyncio.to_thread(api.store.append, sid, "t", "y")
@@ -333,7 +349,9 @@ async def test_bad_input_statuses(api: Api) -> None:
     sid = api.store.create_session("n").metadata.id
 
     def push(session_id: str = sid, event_type: str = "t", payload: str = "") -> Any:
-        return pb.PushSessionMessageRequest(session_id=session_id, event_type=event_type, payload=payload)
+        return pb.PushSessionMessageRequest(
+            session_id=session_id, event_type=event_type, payload=payload
+        )
 
     cases = [
         ("PushSessionMessage", push(session_id=""), Code.INVALID_ARGUMENT),
@@ -343,13 +361,21 @@ async def test_bad_input_statuses(api: Api) -> None:
         ("PushSessionMessage", push(event_type="e" * 257), Code.INVALID_ARGUMENT),
         ("PushSessionMessage", push(payload="x" * (MiB + 1)), Code.INVALID_ARGUMENT),
         ("PushSessionMessage", push(payload="é" * (MiB // 2) + "x"), Code.INVALID_ARGUMENT),
-        ("WatchSessionMessages", pb.WatchSessionMessagesRequest(session_id=""), Code.INVALID_ARGUMENT),
+        (
+            "WatchSessionMessages",
+            pb.WatchSessionMessagesRequest(session_id=""),
+            Code.INVALID_ARGUMENT,
+        ),
         (
             "WatchSessionMessages",
             pb.WatchSessionMessagesRequest(session_id=sid, after_seq=-1),
             Code.INVALID_ARGUMENT,
         ),
-        ("WatchSessionMessages", pb.WatchSessionMessagesRequest(session_id="unknown"), Code.NOT_FOUND),
+        (
+            "WatchSessionMessages",
+            pb.WatchSessionMessagesRequest(session_id="unknown"),
+            Code.NOT_FOUND,
+        ),
     ]
     for method, request, code in cases:
         assert await api.code_of(method, request) is code, (method, code)
@@ -401,6 +427,8 @@ def _all_messages(store: SessionStore, sid: str) -> list[pb.SessionMessage]:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_concurrent_pushers_and_watchers_sync(capsys: pytest.CaptureFixture[str]) -> None:
     store = SessionStore()
     server, port = serve(store, max_workers=PUSHERS + 12)
@@ -430,7 +458,9 @@ def test_concurrent_pushers_and_watchers_sync(capsys: pytest.CaptureFixture[str]
     def pusher(n: int) -> None:
         try:
             for i in range(PER_PUSHER):
-                request = pb.PushSessionMessageRequest(session_id=sid, event_type="t", payload=f"{n}:{i}")
+                request = pb.PushSessionMessageRequest(
+                    session_id=sid, event_type="t", payload=f"{n}:{i}"
+                )
                 pushed[n].append(stub.PushSessionMessage(request, timeout=30).seq)
         except BaseException as exc:
             failures.append(exc)
@@ -458,7 +488,8 @@ def test_concurrent_pushers_and_watchers_sync(capsys: pytest.CaptureFixture[str]
         assert not any(t.is_alive() for t in [*pushers, *threads, *late])
         slots = {i: a for i, a in enumerate((*EARLY_AFTER, *LATE_AFTER))}
         _check_concurrent_run(
-            pushed, {slots[i]: s for i, s in watched.items() if i >= 4} | {0: watched[0]},
+            pushed,
+            {slots[i]: s for i, s in watched.items() if i >= 4} | {0: watched[0]},
             _all_messages(store, sid),
         )
         for i in range(len(EARLY_AFTER)):
@@ -472,6 +503,8 @@ def test_concurrent_pushers_and_watchers_sync(capsys: pytest.CaptureFixture[str]
         print(f"\n[sync] {TOTAL} pushes, 8 watchers: {elapsed:.2f}s")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 async def test_concurrent_pushers_and_watchers_aio(capsys: pytest.CaptureFixture[str]) -> None:
     store = SessionStore()
     server, port = await aio_serve(store)
@@ -496,7 +529,9 @@ async def test_concurrent_pushers_and_watchers_aio(capsys: pytest.CaptureFixture
 
     async def pusher(n: int) -> None:
         for i in range(PER_PUSHER):
-            request = pb.PushSessionMessageRequest(session_id=sid, event_type="t", payload=f"{n}:{i}")
+            request = pb.PushSessionMessageRequest(
+                session_id=sid, event_type="t", payload=f"{n}:{i}"
+            )
             pushed[n].append((await stub.PushSessionMessage(request, timeout=30)).seq)
 
     started = time.perf_counter()
@@ -549,10 +584,18 @@ def test_recent_tail_serves_contiguous_committed_messages(store: SessionStore) -
         sub2 = small.subscribe(sid2)
         for _ in range(1100):
             small.append(sid2, "t", "")
-        assert sub2.recent(0) == () and sub2.recent(75) == ()
+        assert sub2.recent(0) == ()
+        assert sub2.recent(75) == ()
         assert [m.seq for m in sub2.recent(76, limit=2000)] == list(range(77, 1101))
-        big = small.append(sid2, "t", "x" * (3 << 20) if small.max_payload_bytes > 3 << 20 else "")
-        assert big.seq == 1101
+    # A message too large for the tail is announced but served from the database.
+    with SessionStore(max_payload_bytes=3 << 20) as large:
+        sid3 = large.create_session("n").metadata.id
+        sub3 = large.subscribe(sid3)
+        large.append(sid3, "t", "x" * (3 << 20))
+        assert sub3.recent(0) == ()
+        assert sub3.wait(0, timeout=0)
+        (read,) = large.read_messages(sid3, 0).messages
+        assert len(read.payload) == 3 << 20
 
 
 # --- durability --------------------------------------------------------------------
@@ -578,11 +621,15 @@ def test_seqs_survive_restart_sync(tmp_path: Any) -> None:
             for i in range(5):
                 seqs.append(stub.PushSessionMessage(_push(stub, sid, f"{run}:{i}"), timeout=10).seq)
             if run == 1:
-                call = stub.WatchSessionMessages(pb.WatchSessionMessagesRequest(session_id=sid), timeout=10)
+                call = stub.WatchSessionMessages(
+                    pb.WatchSessionMessagesRequest(session_id=sid), timeout=10
+                )
                 replay = [next(call) for _ in range(10)]
                 call.cancel()
                 assert [m.seq for m in replay] == list(range(1, 11))
-                assert [m.payload for m in replay] == [f"{r}:{i}" for r in range(2) for i in range(5)]
+                assert [m.payload for m in replay] == [
+                    f"{r}:{i}" for r in range(2) for i in range(5)
+                ]
         finally:
             channel.close()
             server.stop(None).wait(5)
@@ -603,15 +650,21 @@ async def test_seqs_survive_restart_aio(tmp_path: Any) -> None:
         stub = pb_grpc.SessionServiceStub(channel)
         try:
             if run == 0:
-                sid = (await stub.CreateSession(pb.CreateSessionRequest(name="durable"))).metadata.id
+                sid = (
+                    await stub.CreateSession(pb.CreateSessionRequest(name="durable"))
+                ).metadata.id
             for i in range(5):
                 seqs.append((await stub.PushSessionMessage(_push(stub, sid, f"{run}:{i}"))).seq)
             if run == 1:
-                call = stub.WatchSessionMessages(pb.WatchSessionMessagesRequest(session_id=sid), timeout=10)
+                call = stub.WatchSessionMessages(
+                    pb.WatchSessionMessagesRequest(session_id=sid), timeout=10
+                )
                 replay = [await call.read() for _ in range(10)]
                 call.cancel()
                 assert [m.seq for m in replay] == list(range(1, 11))
-                assert [m.payload for m in replay] == [f"{r}:{i}" for r in range(2) for i in range(5)]
+                assert [m.payload for m in replay] == [
+                    f"{r}:{i}" for r in range(2) for i in range(5)
+                ]
         finally:
             await channel.close()
             await server.stop(None)
@@ -754,7 +807,9 @@ async def test_live_watchers_end_promptly_on_shutdown_aio(how: str) -> None:
 
     tasks = [asyncio.create_task(watcher()) for _ in range(3)]
     try:
-        assert await async_wait_until(lambda: len(received) == 3 and store.subscriber_count(sid) == 3)
+        assert await async_wait_until(
+            lambda: len(received) == 3 and store.subscriber_count(sid) == 3
+        )
         started = time.monotonic()
         if how == "server_stop":
             await server.stop(0)

@@ -190,11 +190,16 @@ class AsyncSessionWatch:
         while True:
             if self._closed.is_set():
                 raise StopAsyncIteration
-            call = self._call or self._open()
+            call = self._call if self._call is not None else self._open()
             try:
                 message = await call.read()
             except asyncio.CancelledError:
                 self._drop_call(call, cancel=True)
+                # grpc.aio reports a call we cancelled in close() as
+                # CancelledError; only a cancellation of this task propagates.
+                task = asyncio.current_task()
+                if self._closed.is_set() and (task is None or task.cancelling() == 0):
+                    raise StopAsyncIteration from None
                 raise
             except grpc.aio.AioRpcError as err:
                 self._drop_call(call, cancel=False)
