@@ -12,5 +12,5 @@ __all__ = ["RUNNER_TOKEN_USE", "SESSION_ID_CLAIM", "TOKEN_USE_CLAIM"]
 #: The session the token is scoped to.
 SESSION_ID_CLAIM = "session_id"
 #: What the token is for; runner tokens carry ``RUNNER_TOKEN_USE``.
-TOKEN_USE_CLAIM = "token_use"
-RUNNER_TOKEN_USE = "ambient-runner"
+TOKEN_USE_CLAIM = "token_use"  # noqa: S105 (a claim name)
+RUNNER_TOKEN_USE = "ambient-runner"  # noqa: S105 (a claim value)

@@ -265,6 +265,30 @@ def _message_json(message: object) -> str:
     )
 
 
+def _cmd_create_session(args: argparse.Namespace) -> int:
+    from ._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+
+    channel, _ = _runner_channel()
+    with channel:
+        stub = sessions_pb2_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
+        request = sessions_pb2.CreateSessionRequest(name=args.name)
+        if args.project:
+            request.project_id = args.project
+        session = stub.CreateSession(request, timeout=args.timeout)
+    print(
+        json.dumps(
+            {
+                "id": session.metadata.id,
+                "name": session.name,
+                "created_by_user_id": session.created_by_user_id
+                if session.HasField("created_by_user_id")
+                else None,
+            }
+        )
+    )
+    return 0
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
     from .sessions import push
 
@@ -406,6 +430,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key")
     p.add_argument("--aio", action="store_true", help="serve with grpc.aio")
     p.set_defaults(func=_cmd_session_server)
+
+    p = sub.add_parser("create-session", help="create a session (runner environment)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--project")
+    p.add_argument("--timeout", type=_positive_float, default=10.0)
+    p.set_defaults(func=_cmd_create_session)
 
     p = sub.add_parser("push", help="push one session message (runner environment)")
     p.add_argument("--session", required=True)

@@ -79,7 +79,18 @@ class _CallDetails(
     ),
     grpc.ClientCallDetails,
 ):
-    """Immutable ClientCallDetails holding every field of the sync API."""
+    """Immutable ClientCallDetails holding every field of the sync API.
+    Its repr shows metadata keys only: the values include the bearer."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        keys = [key for key, _ in self.metadata or ()]
+        return (
+            f"_CallDetails(method={self.method!r}, timeout={self.timeout!r}, "
+            f"metadata_keys={keys!r}, wait_for_ready={self.wait_for_ready!r}, "
+            f"compression={self.compression!r})"
+        )
 
 
 def _rebuild(
@@ -517,8 +528,11 @@ def bearer_call_credentials(token_source: TokenSource) -> grpc.CallCredentials:
     ``grpc.composite_channel_credentials(grpc.ssl_channel_credentials(ca),
     bearer_call_credentials(source))``. Caveats:
 
-    - gRPC silently ignores call credentials on insecure channels (only
-      ``grpc.local_channel_credentials()`` channels also carry them);
+    - they need a secure channel: TLS, or ``grpc.local_channel_credentials()``
+      on loopback. gRPC cannot combine them with an insecure channel, and
+      passed per call on one (``credentials=``) the call fails
+      UNAUTHENTICATED without being sent (older gRPC versions silently sent
+      it without the token);
     - sync gRPC runs the plugin on a newly started thread for every call
       (measurably more client CPU than the interceptor);
     - the plugin uses ``get_token()`` (also on grpc.aio channels);

@@ -19,6 +19,11 @@ The mirror of :mod:`ambient_grpc_auth.client` and
   UNAVAILABLE for retryable failures, else UNAUTHENTICATED.
 - :class:`AuthenticatedChannel` follows its connectivity in a background task
   (cancelled by ``close()``) and invalidates the token in use on a reconnect.
+
+grpc.aio (as of 1.85) files an interceptor object under the first RPC shape
+it implements only, so :class:`AuthInterceptor` is not itself a grpc.aio
+interceptor: :meth:`AuthInterceptor.interceptors` returns one single-shape
+interceptor per shape, and :func:`create_channel` installs all four.
 """
 
 from __future__ import annotations
@@ -81,10 +86,24 @@ class TokenUnavailableAioRpcError(grpc.aio.AioRpcError):
         self.__cause__ = token_error
 
 
+class _CallDetails(grpc.aio.ClientCallDetails):
+    """grpc.aio's call details with a repr that shows metadata keys only
+    (the values include the bearer)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        keys = [key for key, _ in self.metadata or ()]
+        return (
+            f"_CallDetails(method={self.method!r}, timeout={self.timeout!r}, "
+            f"metadata_keys={keys!r}, wait_for_ready={self.wait_for_ready!r})"
+        )
+
+
 def _rebuild(
     details: grpc.aio.ClientCallDetails, token: str, timeout: float | None
 ) -> grpc.aio.ClientCallDetails:
-    return grpc.aio.ClientCallDetails(
+    return _CallDetails(
         details.method,
         timeout,
         grpc.aio.Metadata(*with_authorization(details.metadata, token)),

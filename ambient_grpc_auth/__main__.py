@@ -1,0 +1,9 @@
+"""``python -m ambient_grpc_auth`` is the ``ambient-grpc-auth`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
