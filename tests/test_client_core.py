@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import grpc
 import grpc._interceptor
+import grpc.aio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ambient_grpc_auth import _client_core as core
+from ambient_grpc_auth.aio.client import _rebuild as aio_rebuild
 from ambient_grpc_auth.client import _CallDetails, _rebuild
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 
@@ -73,6 +75,29 @@ def test_rebuild_keeps_every_field() -> None:
     assert rebuilt.credentials is creds
     assert rebuilt.wait_for_ready is True
     assert rebuilt.compression is grpc.Compression.Gzip
+
+
+def test_rebuilt_details_never_show_the_bearer() -> None:
+    details = _rebuild(_CallDetails("/m", None, (("x", "1"),), None, None, None), "sekret", None)
+    assert "sekret" not in repr(details)
+    assert "sekret" not in str(details)
+    assert "authorization" in repr(details)
+
+
+def test_aio_rebuild_keeps_every_field_and_hides_the_bearer() -> None:
+    creds = grpc.access_token_call_credentials("unused")
+    original = grpc.aio.ClientCallDetails(
+        "/svc/M", 4.0, grpc.aio.Metadata(("x-a", "1"), ("authorization", "Bearer old")), creds, True
+    )
+    rebuilt = aio_rebuild(original, "sekret", 3.0)
+    assert isinstance(rebuilt, grpc.aio.ClientCallDetails)
+    assert rebuilt.method == "/svc/M"
+    assert rebuilt.timeout == 3.0
+    assert isinstance(rebuilt.metadata, grpc.aio.Metadata)
+    assert list(rebuilt.metadata) == [("x-a", "1"), ("authorization", "Bearer sekret")]
+    assert rebuilt.credentials is creds
+    assert rebuilt.wait_for_ready is True
+    assert "sekret" not in repr(rebuilt)
 
 
 def test_rebuild_tolerates_details_without_newer_fields() -> None:
