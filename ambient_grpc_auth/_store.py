@@ -50,6 +50,7 @@ __all__ = [
     "SessionStoreError",
     "Subscription",
     "check_push_allowed",
+    "ended_status",
     "status_of",
     "validate_watch",
 ]
@@ -67,6 +68,7 @@ PAGE_BYTES: Final = 4 << 20
 SESSION_KIND: Final = "Session"
 SESSION_HREF_PREFIX: Final = "/api/ambient/v1/sessions/"
 _OWNER_CACHE_SIZE: Final = 4096
+_MAX_SEQ: Final = (1 << 63) - 1  # SQLite INTEGER and proto int64 limit
 _TAIL_MESSAGES: Final = 1024
 _TAIL_CHARS: Final = 2 << 20
 
@@ -113,6 +115,12 @@ def status_of(error: SessionStoreError) -> tuple[grpc.StatusCode, str]:
     return error.code, error.message
 
 
+def ended_status(subscription: Subscription) -> tuple[grpc.StatusCode, str] | None:
+    """How a watch whose subscription ended finishes: UNAVAILABLE when the
+    store was closed (the client should resume elsewhere), else normally (None)."""
+    return status_of(_closed()) if subscription.store_closed else None
+
+
 def _invalid(message: str) -> SessionStoreError:
     return SessionStoreError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -142,6 +150,14 @@ def _utf8_size(value: str, what: str) -> int:
     except UnicodeEncodeError:
         # Only reachable from direct Python calls: protobuf strings are valid UTF-8.
         raise _invalid(f"{what} is not valid UTF-8") from None
+
+
+def _plausible_id(value: str) -> bool:
+    try:
+        _check_text(value, "id", MAX_ID_CHARS, required=True)
+    except SessionStoreError:
+        return False
+    return True
 
 
 def validate_watch(session_id: str, after_seq: int) -> tuple[str, int]:
@@ -298,10 +314,20 @@ class Subscription:
         waker, self._waker = self._waker, None
         self._topic.armed.discard(self)
         if waker is not None:
-            loop, event = waker
-            # RuntimeError: the watcher's loop is already closed; nothing to wake.
-            with suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
+            _wake_all(waker[0], [waker[1]])
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
+def _wake_all(loop: asyncio.AbstractEventLoop, events: list[asyncio.Event]) -> None:
+    # One call per loop however many watchers it runs: each call costs the
+    # loop a wake-up through its self-pipe.
+    # RuntimeError: the watchers' loop is already closed; nothing to wake.
+    with suppress(RuntimeError):
+        loop.call_soon_threadsafe(_set_all, events)
 
 
 class _Hub:
@@ -332,8 +358,17 @@ class _Hub:
                 topic.published = message.seq
             topic.remember(message, chars)
             topic.cond.notify_all()
-            for sub in list(topic.armed):
-                sub._wake_locked()
+            if not topic.armed:
+                return
+            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+            for sub in topic.armed:
+                if sub._waker is not None:
+                    loop, event = sub._waker
+                    sub._waker = None
+                    by_loop.setdefault(loop, []).append(event)
+            topic.armed.clear()
+            for loop, events in by_loop.items():
+                _wake_all(loop, events)
 
     def end(self, sub: Subscription, *, store_closed: bool) -> None:
         with self._lock:
@@ -399,7 +434,7 @@ class SessionStore:
     ) -> None:
         if max_payload_bytes < 0:
             raise ConfigurationError("max_payload_bytes must not be negative")
-        self.max_payload_bytes = max_payload_bytes
+        self._max_payload_bytes = max_payload_bytes
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
@@ -419,6 +454,11 @@ class SessionStore:
             conn.close()
             raise ConfigurationError(f"cannot initialise session database: {exc}") from None
         self._conn = conn
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """Largest accepted payload, in UTF-8 bytes."""
+        return self._max_payload_bytes
 
     # -- plumbing
 
@@ -484,17 +524,24 @@ class SessionStore:
             raise _not_found()
         return _session_proto(row)
 
+    def require_session(self, session_id: str) -> None:
+        """Raise INVALID_ARGUMENT for an implausible id, NOT_FOUND for an
+        unknown session; return quietly otherwise (cached like :meth:`owner_of`)."""
+        _check_text(session_id, "session id", MAX_ID_CHARS, required=True)
+        if not self._lookup_owner(session_id)[0]:
+            raise _not_found()
+
     def session_exists(self, session_id: str) -> bool:
         """True when ``session_id`` names a stored session."""
-        if not session_id or len(session_id) > MAX_ID_CHARS:
-            return False
-        return self._lookup_owner(session_id)[0]
+        return _plausible_id(session_id) and self._lookup_owner(session_id)[0]
 
     def owner_of(self, session_id: str) -> str | None:
         """The creator of ``session_id``; None when unknown, ownerless or not a
         plausible id. Cheap: owners never change, so found sessions are cached
-        (bounded LRU); unknown ids are not cached, as they may be created later."""
-        if not session_id or len(session_id) > MAX_ID_CHARS:
+        (bounded LRU); unknown ids are not cached, as they may be created later.
+        Raises :class:`SessionStoreError` (UNAVAILABLE) only when the database
+        must be asked and cannot answer (store closed, SQLite failure)."""
+        if not _plausible_id(session_id):
             return None
         return self._lookup_owner(session_id)[1]
 
@@ -528,8 +575,8 @@ class SessionStore:
         _check_text(session_id, "session id", MAX_ID_CHARS, required=True)
         _check_text(event_type, "event type", MAX_EVENT_TYPE_CHARS, required=True)
         # A character is at least one byte: skip encoding obviously oversized text.
-        if len(payload) > self.max_payload_bytes or (
-            _utf8_size(payload, "payload") > self.max_payload_bytes
+        if len(payload) > self._max_payload_bytes or (
+            _utf8_size(payload, "payload") > self._max_payload_bytes
         ):
             raise _invalid("payload is too large")
         message_id = uuid.uuid4().hex
@@ -563,7 +610,10 @@ class SessionStore:
     ) -> MessagePage:
         """Messages with ``seq > after_seq`` in seq order: at most ``limit``
         rows and, beyond the first row, about ``max_bytes`` of payload.
-        An unknown session reads as empty."""
+        An unknown session reads as empty; an empty or too long id is
+        INVALID_ARGUMENT."""
+        _check_text(session_id, "session id", MAX_ID_CHARS, required=True)
+        after_seq = min(after_seq, _MAX_SEQ)
         rows: list[tuple[str, str, int, str, str, int]] = []
         more = False
         with self._db() as db:

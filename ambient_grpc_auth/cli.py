@@ -379,7 +379,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Authentication for ambient session-message gRPC streams.",
     )
     parser.add_argument(
-        "--log-level", default="WARNING", help="logging level for stderr (default WARNING)"
+        "--log-level",
+        default=None,
+        help="logging level for stderr (default: INFO for servers, ERROR for one-shot commands)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -472,7 +474,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    servers = {"token-server", "session-server"}
+    _setup_logging(args.log_level or ("INFO" if args.command in servers else "ERROR"))
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -271,19 +271,23 @@ class _AuthStreamCall(grpc.Call, _Future):
         self._call.add_done_callback(lambda _call: fn(self))
 
 
-def _finished(outcome: object) -> bool:
+def _finished(outcome: Any) -> bool:
     # The blocking paths (stub.Method(req), .with_call) hand the interceptor a
-    # finished outcome; .future() hands it a running future.
-    return isinstance(outcome, grpc.Future) and outcome.done()
+    # finished outcome; .future() hands it a running future. Duck-typed: ABC
+    # isinstance checks would cost more than the rest of the interceptor.
+    done = getattr(outcome, "done", None)
+    return done is not None and bool(done())
 
 
-def _code_of(outcome: object) -> grpc.StatusCode | None:
-    if isinstance(outcome, grpc.Call | grpc.RpcError):
-        try:
-            return outcome.code()
-        except Exception:  # an outcome without a readable status is not ours to judge
-            return None
-    return None
+def _code_of(outcome: Any) -> grpc.StatusCode | None:
+    code = getattr(outcome, "code", None)
+    if code is None:
+        return None
+    try:
+        value = code()
+    except Exception:  # an outcome without a readable status is not ours to judge
+        return None
+    return value if isinstance(value, grpc.StatusCode) else None
 
 
 class AuthInterceptor(
@@ -408,8 +412,9 @@ class AuthInterceptor(
             return TokenUnavailableRpcError(exc)
         outcome = continuation(_rebuild(details, token.value, details.timeout), request())
         if not _finished(outcome):
-            if isinstance(outcome, grpc.Future):
-                outcome.add_done_callback(lambda fut: self._after_future(token, fut))
+            add_done_callback = getattr(outcome, "add_done_callback", None)
+            if add_done_callback is not None:
+                add_done_callback(lambda fut: self._after_future(token, fut))
             return outcome
         if _code_of(outcome) is not _UNAUTHENTICATED:
             return outcome

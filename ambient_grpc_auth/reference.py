@@ -40,6 +40,7 @@ from ._store import (
     SessionStoreError,
     Subscription,
     check_push_allowed,
+    ended_status,
     status_of,
     validate_watch,
 )
@@ -62,7 +63,6 @@ __all__ = [
 #: How often a waiting sync watcher re-checks that its RPC is still alive, as
 #: a backstop to the termination callback that normally wakes it at once.
 _POLL_SECONDS: Final = 1.0
-_STORE_CLOSED: Final = "session store is closed"
 
 
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
@@ -109,8 +109,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         store = self._store
         try:
             session_id, last = validate_watch(request.session_id, request.after_seq)
-            if not store.session_exists(session_id):
-                raise SessionStoreError(grpc.StatusCode.NOT_FOUND, "session not found")
+            store.require_session(session_id)
             subscription = store.subscribe(session_id)
         except SessionStoreError as exc:
             context.abort(*status_of(exc))
@@ -137,8 +136,8 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
                 while not subscription.wait(last, timeout=_POLL_SECONDS):
                     if not context.is_active():
                         return
-            if subscription.store_closed:
-                context.abort(grpc.StatusCode.UNAVAILABLE, _STORE_CLOSED)
+            if (status := ended_status(subscription)) is not None:
+                context.abort(*status)
         finally:
             subscription.close()
 

@@ -32,6 +32,7 @@ from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2 as pb
 from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2_grpc as pb_grpc
 from ambient_grpc_auth._store import check_push_allowed, status_of, validate_watch
 from ambient_grpc_auth.aio.reference import serve as aio_serve
+from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.reference import (
     MAX_EVENT_TYPE_CHARS,
@@ -84,6 +85,9 @@ def test_store_session_round_trip_and_metadata() -> None:
         assert s.owner_of("nope") is None
         assert s.owner_of("") is None
         assert s.owner_of("x" * (MAX_ID_CHARS + 1)) is None
+        assert s.owner_of("\ud800") is None
+        assert not s.session_exists("\ud800")
+        assert s.read_messages(sid, 1 << 70).messages == ()
         assert s.session_exists(sid)
         assert s.session_exists(bare.metadata.id)
         assert not s.session_exists("nope")
@@ -139,6 +143,30 @@ def test_payload_limit_counts_utf8_bytes() -> None:
         assert s.append(sid, "t", "é" * 50).seq == 1  # exactly 100 bytes
         assert s.append(sid, "t", "x" * 100).seq == 2
         assert s.append(sid, "t" * MAX_EVENT_TYPE_CHARS, "").seq == 3
+
+
+def test_storage_failures_are_unavailable_and_roll_back(tmp_path: Any, caplog: Any) -> None:
+    path = tmp_path / "s.db"
+    with SessionStore(path) as s:
+        sid = s.create_session("n").metadata.id
+        assert s.append(sid, "t", "a").seq == 1
+        with sqlite3.connect(path) as other:
+            other.execute("ALTER TABLE messages RENAME TO gone")
+        with pytest.raises(SessionStoreError) as exc_info:
+            s.append(sid, "t", "secret-payload")
+        assert status_of(exc_info.value) == (Code.UNAVAILABLE, "session storage unavailable")
+        assert "secret-payload" not in caplog.text
+        with sqlite3.connect(path) as other:
+            other.execute("ALTER TABLE gone RENAME TO messages")
+        # The failed push did not consume a seq.
+        assert s.append(sid, "t", "b").seq == 2
+
+
+def test_bad_configuration(tmp_path: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        SessionStore(tmp_path)  # a directory
+    with pytest.raises(ConfigurationError):
+        SessionStore(max_payload_bytes=-1)
 
 
 def test_push_permission_rule_and_status_mapping() -> None:

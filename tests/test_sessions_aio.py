@@ -354,3 +354,48 @@ async def test_async_context_manager_closes() -> None:
         assert (await w.__anext__()).seq == 1
     assert stub.calls[0].cancelled
     assert [m async for m in w] == []
+
+
+async def test_watch_against_the_aio_reference_server_across_a_restart(tmp_path: Path) -> None:
+    from ambient_grpc_auth.aio.reference import serve
+    from ambient_grpc_auth.reference import SessionStore
+
+    store = SessionStore(str(tmp_path / "aio.db"))
+    session_id = store.create_session("aio").metadata.id
+    server, port = await serve(store, "127.0.0.1:0")
+    channel = create_channel(
+        f"127.0.0.1:{port}", CountingSource(), tls=False, options=FAST_RECONNECT
+    )
+    delays: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        delays.append(delay)
+        await asyncio.sleep(0.02)
+
+    consumer = Consumer(watch(channel, session_id, sleep=fake_sleep))
+    try:
+        for i in range(2):
+            store.append(session_id, "event", f"p{i}")
+        await consumer.wait_for(2)
+        await server.stop(None)
+        store.append(session_id, "event", "while-down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while True:
+            try:
+                server, _ = await serve(store, f"127.0.0.1:{port}")
+                break
+            except RuntimeError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        store.append(session_id, "event", "after")
+        await consumer.wait_for(4)
+        assert consumer.seqs == [1, 2, 3, 4]
+        assert delays
+        assert consumer.watch.streams >= 2
+    finally:
+        await consumer.stop()
+        await channel.close()
+        await server.stop(None)
+        store.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Final
 
 import grpc
 import grpc.aio
@@ -24,14 +23,13 @@ from .._store import (
     SessionStore,
     SessionStoreError,
     check_push_allowed,
+    ended_status,
     status_of,
     validate_watch,
 )
 from ..principal import current_principal
 
 __all__ = ["AsyncSessionServicer", "serve"]
-
-_STORE_CLOSED: Final = "session store is closed"
 
 _Context = grpc.aio.ServicerContext[object, object]
 
@@ -82,8 +80,7 @@ class AsyncSessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         store = self._store
         try:
             session_id, last = validate_watch(request.session_id, request.after_seq)
-            if not await asyncio.to_thread(store.session_exists, session_id):
-                raise SessionStoreError(grpc.StatusCode.NOT_FOUND, "session not found")
+            await asyncio.to_thread(store.require_session, session_id)
             # Subscribing only takes the notifier's short lock: fine on the loop.
             subscription = store.subscribe(session_id)
         except SessionStoreError as exc:
@@ -104,8 +101,8 @@ class AsyncSessionServicer(sessions_pb2_grpc.SessionServiceServicer):
                     last = message.seq
                 if not more:
                     await subscription.wait_async(last)
-            if subscription.store_closed:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, _STORE_CLOSED)
+            if (status := ended_status(subscription)) is not None:
+                await context.abort(*status)
         finally:
             subscription.close()
 
