@@ -5,12 +5,15 @@ and its ``grpc.aio`` twin (:mod:`ambient_grpc_auth.aio.reference`): the store,
 the per-session notifier, argument validation, the push permission rule and
 the mapping of every refusal to a gRPC status (:func:`status_of`).
 
-Watch design: a watcher subscribes *before* it reads, then repeatedly reads
-bounded pages of rows with ``seq > last_sent`` from the database and waits for
-a notification that a higher seq was committed. The notifier carries no
-messages, only "seq N was committed", so a slow watcher costs no memory and
-the replay/live seam can have neither a gap nor a duplicate: anything the read
-did not see was committed, and therefore announced, after the subscription.
+Watch design: a watcher subscribes *before* it reads, then repeatedly takes
+the messages with ``seq > last_sent`` in bounded batches and waits for a
+notification that a higher seq was committed. The database is the source of
+truth; a small bounded tail of recently committed messages, kept per watched
+session, saves live watchers a database read per message, and is used only
+when it holds ``last_sent + 1`` and the contiguous run after it. A slow
+watcher therefore costs no memory (it falls back to the database), and the
+replay/live seam can have neither a gap nor a duplicate: anything a read did
+not see was committed, and therefore announced, after the subscription.
 Notifications are process-local: two processes sharing a database file keep
 consistent seqs (``BEGIN IMMEDIATE``), but watchers only wake for writes made
 through their own store.

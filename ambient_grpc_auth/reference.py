@@ -58,6 +58,7 @@ __all__ = [
     "SessionStoreError",
     "Subscription",
     "serve",
+    "status_of",
 ]
 
 #: How often a waiting sync watcher re-checks that its RPC is still alive, as

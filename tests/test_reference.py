@@ -91,6 +91,11 @@ def test_store_session_round_trip_and_metadata() -> None:
         assert s.session_exists(sid)
         assert s.session_exists(bare.metadata.id)
         assert not s.session_exists("nope")
+        s.require_session(sid)
+        for bad, code in (("nope", Code.NOT_FOUND), ("", Code.INVALID_ARGUMENT)):
+            with pytest.raises(SessionStoreError) as exc_info:
+                s.require_session(bad)
+            assert _code(exc_info) is code
         clock.advance(2)
         message = s.append(sid, "assistant", "hi")
         assert (message.seq, message.session_id, message.event_type, message.payload) == (

@@ -1,0 +1,156 @@
+"""The README's code samples run as written, against real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import re
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+from ambient_grpc_auth.authn import TrustedIssuer
+from ambient_grpc_auth.jwks import JwksCache
+from ambient_grpc_auth.keys import ensure_keys
+from ambient_grpc_auth.reference import SessionServicer, SessionStore
+from ambient_grpc_auth.serverconfig import ServerAuthConfig
+from ambient_grpc_auth.serverrun import start_sync_session_server
+from ambient_grpc_auth.tokenserver import RunningTokenServer, TokenServerConfig, start_token_server
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SERVICE_TOKEN = "readme-service-token-0123456789"  # noqa: S105 (test value)
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(60)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def control_plane(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[RunningTokenServer, str]]:
+    keys = ensure_keys(tmp_path_factory.mktemp("readme") / "keys")
+    loop = _Loop()
+    cp = loop.run(start_token_server(TokenServerConfig(keys=keys)))
+    try:
+        yield cp, keys.public_pem
+    finally:
+        loop.run(cp.close())
+        loop.close()
+
+
+@pytest.fixture
+def api_server(
+    control_plane: tuple[RunningTokenServer, str],
+) -> Iterator[tuple[str, str, SessionStore]]:
+    cp, _ = control_plane
+    store = SessionStore(":memory:")
+    issuer = TrustedIssuer(
+        issuer=cp.url,
+        audiences=("ambient-api-server",),
+        keys=JwksCache(cp.jwks_url),
+        control_plane=True,
+    )
+    config = ServerAuthConfig.from_env(
+        environ={"AMBIENT_API_TOKEN": SERVICE_TOKEN}, issuers=[issuer], owner_lookup=store.owner_of
+    )
+    server = start_sync_session_server(store, config)
+    address = f"127.0.0.1:{server.port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = sessions_pb2_grpc.SessionServiceStub(channel)
+        session = stub.CreateSession(
+            sessions_pb2.CreateSessionRequest(name="readme"),
+            metadata=(("authorization", f"Bearer {SERVICE_TOKEN}"),),
+        )
+    try:
+        yield address, session.metadata.id, store
+    finally:
+        server.stop(None)
+        store.close()
+
+
+@pytest.fixture
+def runner_env(
+    monkeypatch: pytest.MonkeyPatch,
+    control_plane: tuple[RunningTokenServer, str],
+    api_server: tuple[str, str, SessionStore],
+) -> str:
+    cp, public_pem = control_plane
+    address, session_id, _ = api_server
+    for name in ("BOT_TOKEN", "AMBIENT_GRPC_USE_TLS", "RESUME_AFTER_SEQ"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AMBIENT_GRPC_URL", address)
+    monkeypatch.setenv("AMBIENT_CP_TOKEN_URL", cp.token_url)
+    monkeypatch.setenv("AMBIENT_CP_TOKEN_PUBLIC_KEY", public_pem)
+    monkeypatch.setenv("SESSION_ID", session_id)
+    return session_id
+
+
+def test_readme_has_the_samples() -> None:
+    assert len(_python_blocks()) == 3
+
+
+def test_sync_runner_sample(runner_env: str) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(_python_blocks()[0], {"session_id": runner_env})  # noqa: S102 (the README sample)
+    assert out.getvalue().strip() == "1 assistant hello"
+
+
+def test_aio_runner_sample(runner_env: str) -> None:
+    namespace: dict[str, Any] = {}
+    exec(_python_blocks()[1], namespace)  # noqa: S102 (the README sample)
+    assert asyncio.run(namespace["run_runner"](runner_env)) == 1
+
+
+def test_server_sample(
+    monkeypatch: pytest.MonkeyPatch, control_plane: tuple[RunningTokenServer, str]
+) -> None:
+    cp, _ = control_plane
+    monkeypatch.setenv("AMBIENT_API_TOKEN", SERVICE_TOKEN)
+    monkeypatch.delenv("GRPC_SERVICE_ACCOUNT", raising=False)
+    store = SessionStore(":memory:")
+    namespace: dict[str, Any] = {"cp_url": cp.url, "owner_of": store.owner_of}
+    exec(_python_blocks()[2], namespace)  # noqa: S102 (the README sample)
+    server: grpc.Server = namespace["server"]
+    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(store), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = sessions_pb2_grpc.SessionServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CreateSession(sessions_pb2.CreateSessionRequest(name="x"), timeout=5)
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            created = stub.CreateSession(
+                sessions_pb2.CreateSessionRequest(name="x"),
+                metadata=(("authorization", f"Bearer {SERVICE_TOKEN}"),),
+                timeout=5,
+            )
+            assert created.created_by_user_id == "ambient-api-token"
+    finally:
+        server.stop(None)
+        store.close()
