@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := proto/ambient/v1/sessions.proto proto/ambient/testing/v1/echo.proto
 GEN_FILES := $(foreach p,$(PROTO_SRC),$(patsubst proto/%.proto,ambient_grpc_auth/_proto/%,$(p)))
 
-.PHONY: install proto proto-check lint test demo bench bench-quick soak buf-lint clean
+.PHONY: install proto proto-check lint test demo bench bench-quick soak soak-quick load buf-lint clean
 
 install: $(STAMP)
 
@@ -57,6 +57,13 @@ bench-quick: $(STAMP)
 
 soak: $(STAMP)
 	$(VENV)/bin/ambient-grpc-auth soak
+
+# The short soak CI runs (about 15 seconds of traffic).
+soak-quick: $(STAMP)
+	$(VENV)/bin/ambient-grpc-auth soak --duration 15 --runners 10
+
+load: $(STAMP)
+	$(VENV)/bin/ambient-grpc-auth load
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

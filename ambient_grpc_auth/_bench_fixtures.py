@@ -122,7 +122,9 @@ def _public_key(public_pem: str) -> rsa.RSAPublicKey:
     return key
 
 
-def ours_config(public_pem: str, owners: Mapping[str, str], *, inline_lookup: bool) -> ServerAuthConfig:
+def ours_config(
+    public_pem: str, owners: Mapping[str, str], *, inline_lookup: bool
+) -> ServerAuthConfig:
     """Our server configuration: RS256 verification with the shipped
     verified-token cache, and an ownership rule on every EchoService method
     that carries a session id (users must own the session; the lookup is an
@@ -170,12 +172,12 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
 class AsyncEchoServicer(echo_pb2_grpc.EchoServiceServicer):
     """grpc.aio EchoService with coroutine handlers."""
 
-    async def Echo(  # type: ignore[override]
+    async def Echo(
         self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
         return echo_pb2.EchoResponse(text=request.text, caller=_caller())
 
-    async def StreamEcho(  # type: ignore[override]
+    async def StreamEcho(
         self, request: echo_pb2.EchoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         if not 0 <= request.count <= MAX_STREAM_COUNT:
@@ -234,7 +236,7 @@ class NaiveJwtInterceptor(grpc.ServerInterceptor):
         owners = self._owners
 
         def allowed(request: Any) -> bool:
-            return owners.get(request.session_id) == subject
+            return bool(owners.get(request.session_id) == subject)
 
         if streaming:
             inner_stream = handler.unary_stream

@@ -137,14 +137,16 @@ class ConnectivityTracker:
     not one. Repeated states (READY, READY) are no transition.
     """
 
-    __slots__ = ("_ever_ready", "_ready", "reconnects")
+    __slots__ = ("_ever_ready", "_ready", "last_state", "reconnects")
 
     def __init__(self) -> None:
         self._ever_ready = False
         self._ready = False
+        self.last_state: grpc.ChannelConnectivity | None = None
         self.reconnects = 0
 
     def observe(self, state: grpc.ChannelConnectivity) -> Transition:
+        self.last_state = state
         if state is grpc.ChannelConnectivity.READY:
             if self._ready:
                 return Transition.NONE

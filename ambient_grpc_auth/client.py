@@ -336,6 +336,11 @@ class AuthInterceptor(
         return self._tracker.reconnects
 
     @property
+    def last_state(self) -> grpc.ChannelConnectivity | None:
+        """The channel state last reported to :meth:`on_connectivity`."""
+        return self._tracker.last_state
+
+    @property
     def unauthenticated_retries(self) -> int:
         """How many unary calls were retried after UNAUTHENTICATED."""
         return self._retries
@@ -350,7 +355,9 @@ class AuthInterceptor(
         made after the reconnect fetches a fresh one. Calls in flight are not
         touched; calls that race the reconnect may still carry the previous
         token (the server answers UNAUTHENTICATED if it was revoked, and the
-        retry then uses a fresh one).
+        retry then uses a fresh one). gRPC reports states by polling, so a
+        drop and reconnect that both happen between two polls can go
+        unnoticed; the UNAUTHENTICATED retry covers that case too.
         """
         with self._lock:
             transition = self._tracker.observe(state)

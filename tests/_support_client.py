@@ -198,6 +198,15 @@ def _deny(context: grpc.ServicerContext) -> Any:
     context.abort(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
 
 
+def _deny_after_reading(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+    # Reject only once the client finished sending: grpc.aio clients may
+    # otherwise report a made-up INTERNAL instead of the status sent (a race
+    # in grpc.aio when a client stream is refused before it was sent).
+    for _ in requests:
+        pass
+    _deny(context)
+
+
 class BearerCheck(grpc.ServerInterceptor):
     """Accepts a call when its bearer is not revoked; a streaming response is
     also ended with UNAUTHENTICATED at its next message once its token gets
@@ -230,7 +239,7 @@ class BearerCheck(grpc.ServerInterceptor):
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
             return grpc.stream_unary_rpc_method_handler(
-                (lambda it, ctx: inner_su(it, ctx)) if accepted else (lambda r, c: _deny(c)),
+                (lambda it, ctx: inner_su(it, ctx)) if accepted else _deny_after_reading,
                 **kwargs,
             )
         state = self.state
@@ -251,9 +260,7 @@ class BearerCheck(grpc.ServerInterceptor):
             )
         inner_ss = handler.stream_stream
         return grpc.stream_stream_rpc_method_handler(
-            (lambda it, ctx: guarded(inner_ss(it, ctx), ctx))
-            if accepted
-            else (lambda r, c: _deny(c)),
+            (lambda it, ctx: guarded(inner_ss(it, ctx), ctx)) if accepted else _deny_after_reading,
             **kwargs,
         )
 

@@ -490,6 +490,9 @@ async def test_reconnect_makes_the_next_call_fetch_a_fresh_token(
     try:
         assert (await stub.Echo(R(text="before"))).caller == "Bearer tok-1"
         assert (await stub.Echo(R(text="cached"))).caller == "Bearer tok-1"
+        await async_wait_until(
+            lambda: channel.interceptor.last_state is grpc.ChannelConnectivity.READY
+        )
         assert channel.reconnects == 0
         server.stop()
         server.restart()
@@ -508,6 +511,9 @@ async def test_reconnect_does_not_fail_calls_in_flight(
     channel, stub = _open(server, source, options=FAST_RECONNECT)
     try:
         await stub.Echo(R(text="connect"))
+        await async_wait_until(
+            lambda: channel.interceptor.last_state is grpc.ChannelConnectivity.READY
+        )
         server.stop()
         server.restart()
         reply = await stub.Echo(R(text="during"), timeout=10, wait_for_ready=True)
@@ -528,3 +534,33 @@ async def test_close_stops_the_watcher_task(server: EchoServer, source: Counting
     assert watchers() == []
     with pytest.raises(Exception):  # noqa: B017 (grpc raises its own UsageError)
         await stub.Echo(R(text="u"))
+
+
+async def test_watcher_counts_a_reconnect_it_only_saw_as_a_change() -> None:
+    ready, shutdown = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.SHUTDOWN
+
+    class ScriptedChannel:
+        """get_state() is the head of the script; a state change pops it."""
+
+        def __init__(self, *states: grpc.ChannelConnectivity) -> None:
+            self.states = list(states)
+
+        def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+            return self.states[0]
+
+        async def wait_for_state_change(self, last: grpc.ChannelConnectivity) -> None:
+            self.states.pop(0)
+            await asyncio.sleep(0)
+
+        async def close(self, grace: float | None = None) -> None:
+            return None
+
+    source = CountingSource()
+    interceptor = AuthInterceptor(source)
+    stale = source.get_token()
+    interceptor._last_token = stale
+    channel = AuthenticatedChannel(ScriptedChannel(ready, ready, shutdown), interceptor)  # type: ignore[arg-type]
+    await async_wait_until(lambda: channel._watcher is not None and channel._watcher.done())
+    assert channel.reconnects == 1
+    assert source.invalidated == [stale.value]
+    await channel.close()

@@ -154,7 +154,9 @@ def test_token_error_code_and_mapping() -> None:
 
 def test_tracker_first_ready_is_not_a_reconnect() -> None:
     t = core.ConnectivityTracker()
+    assert t.last_state is None
     assert t.observe(C.IDLE) is core.Transition.NONE
+    assert t.last_state is C.IDLE
     assert t.observe(C.CONNECTING) is core.Transition.NONE
     assert t.observe(C.READY) is core.Transition.CONNECTED
     assert t.observe(C.READY) is core.Transition.NONE

@@ -407,6 +407,8 @@ def test_reconnect_makes_the_next_call_fetch_a_fresh_token(
     try:
         assert stub.Echo(R(text="before")).caller == "Bearer tok-1"
         assert stub.Echo(R(text="cached")).caller == "Bearer tok-1"
+        # Connectivity is polled: let the first READY be seen before the drop.
+        wait_until(lambda: channel.interceptor.last_state is grpc.ChannelConnectivity.READY)
         assert channel.reconnects == 0
         server.stop()
         server.restart()
@@ -426,6 +428,7 @@ def test_reconnect_does_not_fail_calls_in_flight(
     channel, stub = _open(server, source, options=FAST_RECONNECT)
     try:
         stub.Echo(R(text="connect"))
+        wait_until(lambda: channel.interceptor.last_state is grpc.ChannelConnectivity.READY)
         server.stop()
         server.restart()
         # A call made while the channel is down waits for the new connection.

@@ -20,6 +20,11 @@ The mirror of :mod:`ambient_grpc_auth.client` and
 - :class:`AuthenticatedChannel` follows its connectivity in a background task
   (cancelled by ``close()``) and invalidates the token in use on a reconnect.
 
+Known grpc.aio race: when a server refuses a client-streaming call before it
+has read the requests, grpc.aio may report a locally made-up INTERNAL instead
+of the server's status; such a call is then neither retried nor is its token
+dropped (runners use unary and server-streaming calls, which are unaffected).
+
 grpc.aio (as of 1.85) files an interceptor object under the first RPC shape
 it implements only, so :class:`AuthInterceptor` is not itself a grpc.aio
 interceptor: :meth:`AuthInterceptor.interceptors` returns one single-shape
@@ -255,6 +260,11 @@ class AuthInterceptor:
         return self._tracker.reconnects
 
     @property
+    def last_state(self) -> grpc.ChannelConnectivity | None:
+        """The channel state last reported to :meth:`on_connectivity`."""
+        return self._tracker.last_state
+
+    @property
     def unauthenticated_retries(self) -> int:
         """How many unary calls were retried after UNAUTHENTICATED."""
         return self._retries
@@ -293,12 +303,19 @@ class AuthInterceptor:
 
     @staticmethod
     async def _code(call: Any) -> grpc.StatusCode:
+        # Awaiting the call, not call.code(): when the server answers before
+        # all requests of a client stream were sent, grpc.aio's code() can
+        # report a locally made-up INTERNAL while the call raises the
+        # server's real status.
         try:
-            return await call.code()  # type: ignore[no-any-return]
+            await call
+        except grpc.aio.AioRpcError as err:
+            return err.code()
         except asyncio.CancelledError:
             # The caller gave up on the call while we waited for its status.
             call.cancel()
             raise
+        return grpc.StatusCode.OK
 
     async def _unary(
         self,
@@ -474,13 +491,19 @@ class AuthenticatedChannel(grpc.aio.Channel):
 
     async def _watch(self) -> None:
         try:
+            ready = grpc.ChannelConnectivity.READY
             state = self._channel.get_state(try_to_connect=False)
             while True:
                 self._interceptor.on_connectivity(state)
                 if state is grpc.ChannelConnectivity.SHUTDOWN:
                     return
+                previous = state
                 await self._channel.wait_for_state_change(state)
                 state = self._channel.get_state(try_to_connect=False)
+                if previous is ready and state is ready:
+                    # Woken by a change yet READY again: the connection
+                    # dropped and came back before this task ran.
+                    self._interceptor.on_connectivity(grpc.ChannelConnectivity.IDLE)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never let watching break the channel
