@@ -53,6 +53,14 @@ After ``--duration`` the pushers stop, settle what is unacknowledged and wait
 for their watchers to catch up (at most ``--drain`` seconds). The run is
 bounded in time (everything sits under one overall deadline), talks only to
 loopback and exits non-zero on any loss, duplicate or error.
+
+Also reported: restarts and the longest outage they caused, channel
+reconnects (as the runners' channels observed them; back-to-back restarts
+may show as one), watch streams reopened (every attempt after the first,
+including those that failed while the server was down), token fetches by
+the runners and tokens issued by the control plane, UNAUTHENTICATED retries
+by the client interceptor, and the peak RSS of this process and of the
+largest child process (``resource.getrusage``).
 """
 
 from __future__ import annotations
@@ -175,7 +183,7 @@ class SoakReport:
     token_unavailable: int
     push_failures: dict[str, int]
     reconnects: int
-    watch_resumes: int
+    watch_reopens: int
     token_fetches: int
     token_fetch_failures: int
     tokens_issued: int
@@ -213,7 +221,8 @@ class SoakReport:
             f"{self.retried}",
             f"push failures without reply: {failures}; calls not sent for lack of a token "
             f"{self.token_unavailable}",
-            f"reconnects {self.reconnects}, watch resumes {self.watch_resumes}, token fetches "
+            f"channel reconnects {self.reconnects}, watch streams reopened "
+            f"{self.watch_reopens} (attempts, failed ones included), token fetches "
             f"{self.token_fetches} (failed {self.token_fetch_failures}, issued by the control "
             f"plane {self.tokens_issued}), UNAUTHENTICATED retries {self.unauthenticated_retries}",
             f"lost {self.lost}, duplicated {self.duplicated}, errors {self.error_count} ({errors})",
@@ -789,7 +798,7 @@ def _report(
             retried=ledger.retried,
             token_unavailable=ledger.token_unavailable,
             reconnects=outcome.reconnects,
-            watch_resumes=max(0, outcome.streams - 1),
+            watch_reopens=max(0, outcome.streams - 1),
             fetches=outcome.fetches,
             fetch_failures=outcome.fetch_failures,
             unauth=outcome.unauthenticated_retries,
@@ -815,7 +824,7 @@ def _report(
         token_unavailable=totals["token_unavailable"],
         push_failures=dict(failures),
         reconnects=totals["reconnects"],
-        watch_resumes=totals["watch_resumes"],
+        watch_reopens=totals["watch_reopens"],
         token_fetches=totals["fetches"],
         token_fetch_failures=totals["fetch_failures"],
         tokens_issued=issued,
