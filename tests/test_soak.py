@@ -17,6 +17,7 @@ import pytest
 
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.keys import ensure_keys
+from ambient_grpc_auth.loadrun import main as load_main
 from ambient_grpc_auth.soak import Ledger, SoakConfig, main
 
 
@@ -84,9 +85,32 @@ def test_short_soak_loses_and_duplicates_nothing(
         time.sleep(0.05)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc for memory figures")
+def test_short_load_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = tmp_path / "keys"
+    ensure_keys(keys, encryption_key_bits=2048)
+    children = set(_children())
+    code = load_main(
+        ["--streams", "6", "--duration", "2", "--rate", "20", "--keys-dir", str(keys)]
+        + ["--json", "--quiet"]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    assert report["streams_open"] == 6
+    assert (report["lost"], report["duplicated"], report["error_count"]) == (0, 0, 0)
+    # One first message per session, then about 20/s for 2 s, all delivered.
+    assert report["pushed"] >= 6 + 20
+    assert report["delivered"] == report["pushed"]
+    assert report["tokens_issued"] == 6
+    assert report["server_rss_open_mib"] > 0
+    assert set(_children()) <= children
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--runners", "0", "--quiet"]) == 2
     assert "runners" in capsys.readouterr().err
+    assert load_main(["--streams", "0", "--quiet"]) == 2
+    assert "streams" in capsys.readouterr().err
     with pytest.raises(ConfigurationError):
         SoakConfig(restart_every=0.5)
     with pytest.raises(SystemExit):

@@ -174,7 +174,7 @@ def test_platform_session_bytes_parse_with_our_stubs(platform_stubs: Path) -> No
         """
         import sys
         from ambient.v1 import platform_sessions_pb2 as pb
-        s = pb.Session(name="n", created_by_user_id="alice", project_id="p", phase="Run", prompt="x")
+        s = pb.Session(name="n", created_by_user_id="alice", project_id="p", phase="R", prompt="x")
         s.metadata.id = "abc"
         sys.stdout.write(s.SerializeToString().hex())
         """
@@ -196,7 +196,23 @@ def test_platform_session_bytes_parse_with_our_stubs(platform_stubs: Path) -> No
         "p",
     )
     # Unknown fields (prompt, phase) are kept, so relaying does not drop them.
-    assert ours.SerializeToString() == data
+    check = textwrap.dedent(
+        """
+        import sys
+        from ambient.v1 import platform_sessions_pb2 as pb
+        s = pb.Session.FromString(bytes.fromhex(sys.argv[1]))
+        print(s.phase, s.prompt, s.created_by_user_id)
+        """
+    )
+    relayed = subprocess.run(
+        [sys.executable, "-c", check, ours.SerializeToString().hex()],
+        env={"PYTHONPATH": str(platform_stubs), "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert relayed.stdout.split() == ["R", "x", "alice"]
 
 
 @pytest.mark.parametrize(
