@@ -254,13 +254,20 @@ class SessionIdRule:
         return session_id
 
 
+# Kept past the last instant a proof could still be fresh, so the inclusive
+# freshness bound and the expiry never meet at the same instant (and small
+# drift between the wall and monotonic clocks cannot open a gap).
+_RETENTION_MARGIN = 1.0
+
+
 class ReplayGuard:
     """Freshness and single use for v2 proofs.
 
     A v2 proof is accepted only if ``|now - ts| <= window_seconds`` and its
     (session id, nonce) pair has not been accepted before. Accepted pairs are
-    remembered for ``2 * window_seconds`` (monotonic clock), which covers every
-    moment at which their ``ts`` could still pass the freshness check.
+    remembered for ``2 * window_seconds`` plus a margin (monotonic clock),
+    which covers every moment at which their ``ts`` could still pass the
+    (inclusive) freshness check, boundary instant included.
 
     Memory is bounded by ``max_entries``. When the table is full of unexpired
     entries the oldest entry is evicted *safely*: the guard raises a floor and
@@ -332,7 +339,7 @@ class ReplayGuard:
                 self._floor = max(self._floor, evicted_ts)
             if ts <= self._floor:
                 raise ProofError("stale", 401)
-            self._seen[key] = (mono + 2 * self.window_seconds, ts)
+            self._seen[key] = (mono + 2 * self.window_seconds + _RETENTION_MARGIN, ts)
 
     def _expire(self, mono: float) -> None:
         seen = self._seen
