@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -33,10 +34,13 @@ __all__ = [
     "WatchRetryPolicy",
     "WatchState",
     "as_token_error",
+    "check_after_seq",
+    "check_session_id",
     "full_jitter_delay",
     "is_replayable",
     "remaining_timeout",
     "resume_after_seq_from_env",
+    "session_stub",
     "token_error_code",
     "with_authorization",
 ]
@@ -336,3 +340,30 @@ def resume_after_seq_from_env(environ: Mapping[str, str] | None = None) -> int:
     if value > 2**63 - 1:
         raise ConfigurationError(f"{RESUME_AFTER_SEQ_ENV} is out of range")
     return value
+
+
+def session_stub(stub_or_channel: Any, channel_type: type, factory: Callable[[Any], Any]) -> Any:
+    """A SessionService stub: built with ``factory`` on a ``channel_type``
+    channel, or ``stub_or_channel`` itself when it already is a stub.
+    Raises TypeError otherwise."""
+    if isinstance(stub_or_channel, channel_type):
+        return factory(stub_or_channel)
+    if hasattr(stub_or_channel, "WatchSessionMessages") and hasattr(
+        stub_or_channel, "PushSessionMessage"
+    ):
+        return stub_or_channel
+    raise TypeError(f"expected a {channel_type.__module__}.{channel_type.__name__} or a stub")
+
+
+def check_session_id(session_id: object) -> str:
+    """``session_id`` if it is a non-empty string; ValueError otherwise."""
+    if not isinstance(session_id, str) or not session_id:
+        raise ValueError("session_id must be a non-empty string")
+    return session_id
+
+
+def check_after_seq(after_seq: object) -> int:
+    """``after_seq`` if it is a non-negative int; ValueError otherwise."""
+    if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
+        raise ValueError("after_seq must be a non-negative int")
+    return after_seq

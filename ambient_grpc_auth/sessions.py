@@ -47,7 +47,10 @@ from ._client_core import (
     MessageVerdict,
     WatchRetryPolicy,
     WatchState,
+    check_after_seq,
+    check_session_id,
     resume_after_seq_from_env,
+    session_stub,
 )
 from ._clock import SYSTEM_CLOCK, Clock
 from ._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
@@ -69,25 +72,11 @@ _Metadata = Sequence[tuple[str, str | bytes]]
 
 
 def _stub(stub_or_channel: Any) -> Any:
-    if isinstance(stub_or_channel, grpc.Channel):
-        return sessions_pb2_grpc.SessionServiceStub(stub_or_channel)  # type: ignore[no-untyped-call]
-    if hasattr(stub_or_channel, "WatchSessionMessages") and hasattr(
-        stub_or_channel, "PushSessionMessage"
-    ):
-        return stub_or_channel
-    raise TypeError("expected a grpc.Channel or a SessionService stub")
+    return session_stub(stub_or_channel, grpc.Channel, sessions_pb2_grpc.SessionServiceStub)
 
 
-def _check_session_id(session_id: object) -> str:
-    if not isinstance(session_id, str) or not session_id:
-        raise ValueError("session_id must be a non-empty string")
-    return session_id
-
-
-def _check_after_seq(after_seq: object) -> int:
-    if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
-        raise ValueError("after_seq must be a non-negative int")
-    return after_seq
+_check_session_id = check_session_id
+_check_after_seq = check_after_seq
 
 
 def _code_of(err: grpc.RpcError) -> grpc.StatusCode:

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,7 +39,7 @@ from aiohttp import web
 from ambient_grpc_auth import reference
 from ambient_grpc_auth import sessions as sync_sessions
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2
+from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.aio import client as aio_client
 from ambient_grpc_auth.aio import reference as aio_reference
 from ambient_grpc_auth.aio import sessions as aio_sessions
@@ -57,6 +57,7 @@ from ambient_grpc_auth.policy import AuthMetrics
 from ambient_grpc_auth.server import AuthInterceptor
 from ambient_grpc_auth.serverconfig import API_TOKEN_ENV, ServerAuthConfig
 from ambient_grpc_auth.sessions import WatchRetryPolicy
+from ambient_grpc_auth.tokens import StaticTokenSource
 from ambient_grpc_auth.tokenserver import (
     RunningTokenServer,
     TokenServerConfig,
@@ -1341,3 +1342,76 @@ def test_clock_skew(case: str, keys_dir: Path, tmp_path: Path) -> None:
         assert dict(w.metrics.snapshot().denied) == {reason: 2 + 4}
         assert w.store is not None
         assert w.store.read_messages(sid, 0).messages == ()
+
+
+# --------------------------------------------------------------------------- 8. a sloppy server
+
+
+class OverReplayingServicer(aio_reference.AsyncSessionServicer):
+    """Replays a few messages too many on every watch (as a server restored
+    from a slightly stale position might): the runner must drop them."""
+
+    async def WatchSessionMessages(
+        self, request: sessions_pb2.WatchSessionMessagesRequest, context: Any
+    ) -> AsyncIterator[sessions_pb2.SessionMessage]:
+        replay = sessions_pb2.WatchSessionMessagesRequest(
+            session_id=request.session_id, after_seq=max(0, request.after_seq - 3)
+        )
+        async for message in super().WatchSessionMessages(replay, context):
+            yield message
+
+
+def test_watch_drops_what_a_server_replays_twice(keys_dir: Path) -> None:
+    async def scenario() -> None:
+        clock = FakeClock(time.time())
+        port = free_port()
+        store = reference.SessionStore(":memory:")
+        sid = store.create_session("fault", created_by=OWNER).metadata.id
+        metrics = AuthMetrics()
+        config = server_config(
+            cp_port=1, keys=static_keys(keys_dir), clock=clock, store=store, metrics=metrics
+        )
+        server = grpc.aio.server(interceptors=[AsyncAuthInterceptor(config=config)])
+        sessions_pb2_grpc.add_SessionServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            OverReplayingServicer(store), server
+        )
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        channel = aio_client.create_channel(
+            f"127.0.0.1:{port}", StaticTokenSource(SERVICE_TOKEN), tls=False
+        )
+        watch = aio_sessions.watch(
+            channel, sid, after_seq=2, policy=WatchRetryPolicy(base_delay=0.01, max_delay=0.05)
+        )
+        seqs: list[int] = []
+
+        async def consume() -> None:
+            async for message in watch:
+                seqs.append(message.seq)
+
+        for i in range(5):
+            await asyncio.to_thread(store.append, sid, "assistant", f"m-{i}")
+        consumer = asyncio.ensure_future(consume())
+        try:
+            await async_wait_until(lambda: len(seqs) == 3)
+            # Every resumption replays three old messages again.
+            for round_ in range(3):
+                await server.stop(0)
+                server = grpc.aio.server(interceptors=[AsyncAuthInterceptor(config=config)])
+                sessions_pb2_grpc.add_SessionServiceServicer_to_server(  # type: ignore[no-untyped-call]
+                    OverReplayingServicer(store), server
+                )
+                server.add_insecure_port(f"127.0.0.1:{port}")
+                await server.start()
+                await asyncio.to_thread(store.append, sid, "assistant", "more")
+                await async_wait_until(lambda n=6 + round_: bool(seqs) and seqs[-1] == n)
+        finally:
+            watch.close()
+            await asyncio.wait([consumer], timeout=5)
+            await channel.close()
+            await server.stop(None)
+            store.close()
+        assert seqs == list(range(3, 9))
+        assert watch.streams >= 4
+
+    run_isolated(scenario)

@@ -7,6 +7,7 @@ checks separately that the accounting catches losses, duplicates and gaps.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -80,7 +81,10 @@ def test_short_soak_loses_and_duplicates_nothing(
     # Nothing left behind: session-server processes reaped, threads ended.
     assert set(_children()) <= children
     deadline = time.monotonic() + 10
-    while [t for t in threading.enumerate() if t not in threads]:
+    while True:
+        gc.collect()  # grpc.aio's poller thread ends once its channels are collected
+        if not [t for t in threading.enumerate() if t not in threads]:
+            break
         assert time.monotonic() < deadline, threading.enumerate()
         time.sleep(0.05)
 
