@@ -9,7 +9,6 @@ served without authentication (the default bypass selector).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import threading
@@ -20,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._proto.ambient.v1 import sessions_pb2_grpc
+from ._shutdown import wait_for_stop_signal
 from .aio.reference import AsyncSessionServicer
 from .aio.server import AsyncAuthInterceptor
 from .reference import SessionServicer, SessionStore
@@ -161,19 +161,10 @@ async def _run_aio(
     server, port, _ = await start_aio_session_server(
         store, config, address, server_credentials=creds
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
     try:
         if ready is not None:
             ready(port)
-        await stop.wait()
+        await wait_for_stop_signal()
         _log.info("session server shutting down")
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         await server.stop(SHUTDOWN_GRACE_SECONDS)

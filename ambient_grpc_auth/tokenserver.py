@@ -24,11 +24,9 @@ bearer or an issued token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ._clock import SYSTEM_CLOCK, Clock
+from ._shutdown import wait_for_stop_signal
 from ._tokenapp import JWKS_PATH, STATE, TOKEN_PATH, State, TokenServerCounters, make_app
 from .errors import ConfigurationError
 from .issuers import DEFAULT_AUDIENCE, DEFAULT_SUBJECT, DEFAULT_TTL_SECONDS, TokenIssuer
@@ -220,21 +219,12 @@ def run_token_server(
 
     async def main() -> None:
         server = await start_token_server(config, host, port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        installed: list[signal.Signals] = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
         try:
             if ready is not None:
                 ready(server)
-            await stop.wait()
+            await wait_for_stop_signal()
             _log.info("token server shutting down")
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
             await server.close()
 
     asyncio.run(main())

@@ -305,3 +305,35 @@ def test_missing_keys_without_generation_fails_cleanly(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("ambient-grpc-auth token-server: error:")
+
+
+def test_aio_session_server_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    token_file = tmp_path / "service.token"
+    token_file.write_text(SERVICE_TOKEN)
+    server = _Server(
+        [
+            "session-server",
+            "--aio",
+            "--db",
+            str(tmp_path / "aio.db"),
+            "--service-token-file",
+            str(token_file),
+            "--listen",
+            "127.0.0.1:0",
+        ]
+    )
+    try:
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "AMBIENT_GRPC_URL": server.address,
+            "BOT_TOKEN": SERVICE_TOKEN,
+        }
+        created = _run(["create-session", "--name", "aio"], env)
+        assert created.returncode == 0, created.stderr
+        sid = json.loads(created.stdout)["id"]
+        pushed = _run(["push", "--session", sid, "--event-type", "a", "--payload", "b"], env)
+        assert pushed.returncode == 0, pushed.stderr
+        watched = _run(["watch", "--session", sid, "--count", "1", "--json"], env)
+        assert json.loads(watched.stdout)["payload"] == "b"
+    finally:
+        assert server.stop() == 0
