@@ -367,6 +367,8 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
         entry = importlib.import_module(f"ambient_grpc_auth.{module}")
         return int(entry.main(list(args.rest)))
 
+    run.delegated = True  # type: ignore[attr-defined]
+
     return run
 
 
@@ -457,23 +459,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_fetch_token)
 
-    p = sub.add_parser("demo", help="the end-to-end demo on loopback")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_delegate("demo"))
+    # These parse their own arguments (``demo --help`` shows them).
     for name, module, text in (
+        ("demo", "demo", "the end-to-end demo on loopback"),
         ("bench", "bench", "benchmark against a bare baseline"),
         ("soak", "soak", "soak run: many runners, restarts, short TTLs"),
         ("load", "loadrun", "load run: many concurrent watch streams"),
     ):
         p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_delegate(module))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args.func, "delegated", False):
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     servers = {"token-server", "session-server"}
     _setup_logging(args.log_level or ("INFO" if args.command in servers else "ERROR"))
     try:
