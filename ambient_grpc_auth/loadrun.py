@@ -59,7 +59,7 @@ from .errors import ConfigurationError
 from .issuers import DEFAULT_AUDIENCE
 from .keys import ensure_keys
 from .sessions import WatchRetryPolicy
-from .soak import SessionServerProcess, _create_sessions
+from .soak import _create_sessions, _SessionServerProcess
 from .tokens import StaticTokenSource
 from .tokenserver import TokenServerConfig, start_token_server
 
@@ -475,7 +475,7 @@ async def _run(config: LoadConfig, tmp: Path, say: Callable[[str], None]) -> Loa
         TokenServerConfig(keys_dir=keys_dir, ttl=config.ttl, max_pending_requests=1024)
     )
     service_token = secrets.token_urlsafe(32)
-    server = SessionServerProcess(
+    server = _SessionServerProcess(
         {
             "db": str(tmp / "sessions.db"),
             "issuer": cp.url,
@@ -619,6 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: run the load and print its report; 0 when every stream
     opened and nothing was lost, duplicated or failed, 1 otherwise, 2 for bad
     arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # "ambient-grpc-auth <command> -- --option ..." passes the separator on
+        argv = argv[1:]
     args = _parser().parse_args(argv)
     try:
         config = LoadConfig(

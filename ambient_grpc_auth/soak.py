@@ -47,12 +47,17 @@ Definitions (per runner; the report sums them):
   gives up, a gap in the delivered seqs, a delivered message that the runner
   did not push or with a seq other than the acknowledged one, an
   unacknowledged push still unsettled at the end, an UNAUTHENTICATED retry by
-  the client interceptor, a rejection counted by the server, a runner crash.
+  the client interceptor, a rejection counted by the session server (as it
+  reports them at each graceful stop), a runner crash.
 
 After ``--duration`` the pushers stop, settle what is unacknowledged and wait
 for their watchers to catch up (at most ``--drain`` seconds). The run is
 bounded in time (everything sits under one overall deadline), talks only to
 loopback and exits non-zero on any loss, duplicate or error.
+
+The runners share one asyncio event loop (thousands of idle tasks cost less
+than threads on a two-core machine); the session server has its own process,
+so that restarts are real process restarts and it gets the other core.
 
 Also reported: restarts and the longest outage they caused, channel
 reconnects (as the runners' channels observed them; back-to-back restarts
@@ -243,11 +248,9 @@ class _Fence:
 
 
 @dataclass
-class Ledger:
-    """One runner's bookkeeping of pushes and deliveries (pure; one event loop).
-
-    Not part of the public API, but importable for tests of the accounting.
-    """
+class _Ledger:
+    """One runner's bookkeeping of pushes and deliveries (pure; used from one
+    event loop). Implements the definitions in the module docstring."""
 
     acked: dict[int, int] = field(default_factory=dict)  # message id -> seq
     delivered: dict[int, int] = field(default_factory=dict)  # message id -> first seq
@@ -342,7 +345,7 @@ def _code_of(err: grpc.RpcError) -> grpc.StatusCode:
 # --------------------------------------------------------------------------- session server
 
 
-class SessionServerProcess:
+class _SessionServerProcess:
     """The reference aio SessionService in a child process (see :func:`_session_server_child`).
 
     ``start(port)`` launches it (0: any free port) and returns the bound port;
@@ -494,7 +497,7 @@ async def _serve_sessions(spec: Mapping[str, Any]) -> int:
 
 @dataclass
 class _RunnerResult:
-    ledger: Ledger
+    ledger: _Ledger
     reconnects: int
     streams: int
     fetches: int
@@ -517,7 +520,7 @@ class _Runner:
         self.session_id = session_id
         self.target = target
         self.config = config
-        self.ledger = Ledger()
+        self.ledger = _Ledger()
         self.source = CachingTokenSource(
             ControlPlaneTokenSource(token_url, public_pem, session_id, timeout=5.0, attempts=3),
             min_backoff=0.2,
@@ -653,7 +656,7 @@ async def _create_sessions(target: str, service_token: str, count: int) -> list[
 
 
 async def _restart_loop(
-    server: SessionServerProcess,
+    server: _SessionServerProcess,
     port: int,
     every: float,
     stop_at: float,
@@ -708,7 +711,7 @@ async def _run(
         TokenServerConfig(keys_dir=keys_dir, ttl=config.ttl, signing_key_check_interval=3600)
     )
     service_token = secrets.token_urlsafe(32)
-    server = SessionServerProcess(
+    server = _SessionServerProcess(
         {
             "db": str(tmp / "sessions.db"),
             "issuer": cp.url,
@@ -876,6 +879,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: run the soak and print its report; 0 when nothing was lost,
     duplicated or unexpected, 1 otherwise, 2 for bad arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # "ambient-grpc-auth <command> -- --option ..." passes the separator on
+        argv = argv[1:]
     args = _parser().parse_args(argv)
     try:
         config = SoakConfig(

@@ -1389,6 +1389,9 @@ def test_watch_drops_what_a_server_replays_twice(keys_dir: Path) -> None:
             async for message in watch:
                 seqs.append(message.seq)
 
+        def last_is(seq: int) -> Callable[[], bool]:
+            return lambda: bool(seqs) and seqs[-1] == seq
+
         for i in range(5):
             await asyncio.to_thread(store.append, sid, "assistant", f"m-{i}")
         consumer = asyncio.ensure_future(consume())
@@ -1404,7 +1407,7 @@ def test_watch_drops_what_a_server_replays_twice(keys_dir: Path) -> None:
                 server.add_insecure_port(f"127.0.0.1:{port}")
                 await server.start()
                 await asyncio.to_thread(store.append, sid, "assistant", "more")
-                await async_wait_until(lambda n=6 + round_: bool(seqs) and seqs[-1] == n)
+                await async_wait_until(last_is(6 + round_))
         finally:
             watch.close()
             await asyncio.wait([consumer], timeout=5)
@@ -1415,3 +1418,184 @@ def test_watch_drops_what_a_server_replays_twice(keys_dir: Path) -> None:
         assert watch.streams >= 4
 
     run_isolated(scenario)
+
+
+# --------------------------------------------------------------------------- 9. oversized metadata
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+def test_oversized_metadata_is_refused_before_any_handler(flavour: str, tmp_path: Path) -> None:
+    """Huge or numerous headers end as UNAUTHENTICATED (the interceptor's
+    bound) or RESOURCE_EXHAUSTED (gRPC's metadata limit), never INTERNAL;
+    no handler runs, nothing echoes the value, and the server keeps serving."""
+    before = set(threading.enumerate())
+    loop = LoopThread() if flavour == "aio" else None
+    store = reference.SessionStore(":memory:")
+    metrics = AuthMetrics()
+    config = dataclasses.replace(
+        ServerAuthConfig.from_env(environ={API_TOKEN_ENV: SERVICE_TOKEN}, metrics=metrics),
+        max_token_bytes=1024,
+    )
+    pool = futures.ThreadPoolExecutor(max_workers=4)
+    servers: dict[str, Any] = {}
+    if loop is None:
+        servers["sync"], port = reference.serve(
+            store, interceptors=[AuthInterceptor(config=config)], thread_pool=pool
+        )
+    else:
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            return await aio_reference.serve(
+                store, interceptors=[AsyncAuthInterceptor(config=config)]
+            )
+
+        servers["aio"], port = loop.run(start())
+
+    def stop() -> None:
+        if "sync" in servers:
+            servers.pop("sync").stop(None).wait(10)
+        if "aio" in servers and loop is not None:
+            loop.run(servers.pop("aio").stop(None))
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = sessions_pb2_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
+
+    def create(metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+        result, details = grpc.StatusCode.OK, ""
+        try:
+            stub.CreateSession(
+                sessions_pb2.CreateSessionRequest(name="x"), metadata=metadata, timeout=5
+            )
+        except grpc.RpcError as err:
+            result, details = err.code(), err.details() or ""
+        assert "zzzz" not in details
+        return result
+
+    try:
+        cases = {
+            "token over the interceptor's bound": (("authorization", "Bearer " + "z" * 2000),),
+            "token over gRPC's limit": (("authorization", "Bearer " + "z" * 40_000),),
+            "padding over gRPC's limit": (
+                ("authorization", "Bearer " + SERVICE_TOKEN),
+                ("x-pad", "zzzz" * 10_000),
+            ),
+            "many entries": tuple((f"x-pad-{i}", "zzzz" * 50) for i in range(200)),
+        }
+        for name, metadata in cases.items():
+            code = create(metadata)
+            assert code in {
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            }, (name, code)
+        assert metrics.snapshot().denied.get("oversized") == 1
+        assert metrics.snapshot().allowed == 0
+        # Still serving, and nothing was created by the refused calls.
+        assert create((("authorization", "Bearer " + SERVICE_TOKEN),)) is grpc.StatusCode.OK
+        assert metrics.snapshot().allowed == 1
+    finally:
+        channel.close()
+        stop()
+        store.close()
+        pool.shutdown(wait=True)
+        if loop is not None:
+            loop.close()
+    assert_no_new_threads(before)
+
+
+# --------------------------------------------------------------------------- 10. proxies
+
+
+@dataclasses.dataclass
+class ProxyTrap:
+    """A TCP listener standing in for an HTTP proxy: it records the first
+    line of every connection (``GET http://...`` or ``CONNECT host:port``)
+    and answers 502."""
+
+    seen: list[str] = dataclasses.field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, TimeoutError):
+            async with asyncio.timeout(5):
+                line = await reader.readline()
+                self.seen.append(line.decode("latin-1").strip())
+                writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        writer.close()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def _proxy_env(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    for name in ("no_proxy", "NO_PROXY", "grpc_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_proxy_environment_is_ignored_by_http_fetches(
+    keys_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session proof (sync and async) and the JWKS fetch go to the
+    configured URL only: a proxy named by the environment would see the
+    proof. A plain urllib request shows that the variables are in effect."""
+    import urllib.request
+
+    trap = ProxyTrap()
+    with sync_world(keys_dir, tmp_path) as w:
+        w.start_cp()
+        port = w.loop.run(trap.start())
+        try:
+            _proxy_env(monkeypatch, port)
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(cp_issuer_url(w.cp_port) + "/healthz", timeout=5)  # noqa: S310
+            assert len(trap.seen) == 1  # the environment does name a proxy
+            source = ControlPlaneTokenSource(
+                cp_issuer_url(w.cp_port) + "/token",
+                public_pem(keys_dir),
+                "session-1",
+                clock=w.clock,
+            )
+            assert source.get_token().value
+            assert asyncio.run(source.get_token_async()).value
+            jwks = JwksCache(cp_issuer_url(w.cp_port) + "/.well-known/jwks.json", clock=w.clock)
+            assert jwks.refresh()
+            assert len(trap.seen) == 1
+        finally:
+            w.loop.run(trap.stop())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="channel.create_channel leaves gRPC's grpc.enable_http_proxy on, so a plaintext "
+    "channel tunnels through an http_proxy named by the environment, which then sees the bearer",
+)
+def test_plaintext_channel_ignores_proxy_environment(
+    keys_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trap = ProxyTrap()
+    with sync_world(keys_dir, tmp_path) as w:
+        w.start_cp()
+        w.start_sessions()
+        port = w.loop.run(trap.start())
+        try:
+            _proxy_env(monkeypatch, port)
+            sid = w.create_session()
+            channel = w.channel(w.source(sid))
+            outcome: int | grpc.StatusCode
+            try:
+                outcome = sync_push(channel, sid, "m")
+            except grpc.RpcError as err:
+                outcome = err.code()
+            assert trap.seen == []  # today: ["CONNECT 127.0.0.1:<port> HTTP/1.1"]
+            assert outcome == 1
+        finally:
+            w.loop.run(trap.stop())

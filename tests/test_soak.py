@@ -19,7 +19,7 @@ import pytest
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.keys import ensure_keys
 from ambient_grpc_auth.loadrun import main as load_main
-from ambient_grpc_auth.soak import Ledger, SoakConfig, main
+from ambient_grpc_auth.soak import SoakConfig, _Ledger, main
 
 
 def _children() -> list[int]:
@@ -115,6 +115,9 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "runners" in capsys.readouterr().err
     assert load_main(["--streams", "0", "--quiet"]) == 2
     assert "streams" in capsys.readouterr().err
+    # A separator passed on by "ambient-grpc-auth soak -- --option" is accepted.
+    assert main(["--", "--runners", "0", "--quiet"]) == 2
+    assert "runners" in capsys.readouterr().err
     with pytest.raises(ConfigurationError):
         SoakConfig(restart_every=0.5)
     with pytest.raises(SystemExit):
@@ -122,7 +125,7 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_ledger_counts_acknowledged_deliveries() -> None:
-    ledger = Ledger()
+    ledger = _Ledger()
     for message_id, seq in ((1, 1), (2, 2), (3, 3)):
         ledger.on_ack(message_id, seq)
         ledger.on_delivery(message_id, seq)
@@ -131,7 +134,7 @@ def test_ledger_counts_acknowledged_deliveries() -> None:
 
 
 def test_ledger_detects_loss_duplicates_gaps_and_strangers() -> None:
-    ledger = Ledger()
+    ledger = _Ledger()
     ledger.on_ack(1, 1)
     ledger.on_ack(2, 2)
     ledger.on_ack(3, 3)
@@ -146,7 +149,7 @@ def test_ledger_detects_loss_duplicates_gaps_and_strangers() -> None:
 
 
 def test_ledger_settles_unacknowledged_pushes_at_the_next_fence() -> None:
-    ledger = Ledger()
+    ledger = _Ledger()
     ledger.on_ack(1, 1)
     ledger.on_delivery(1, 1)
     ledger.on_failure(2)  # stored although the reply was lost
@@ -168,7 +171,7 @@ def test_ledger_settles_unacknowledged_pushes_at_the_next_fence() -> None:
 def test_ledger_flags_a_settled_message_that_arrives_later() -> None:
     """If a push judged unsent were stored after all, the retry would store
     it twice: the check reports it instead of hiding it."""
-    ledger = Ledger()
+    ledger = _Ledger()
     ledger.on_failure(1)
     ledger.on_ack(2, 1)
     ledger.on_delivery(2, 1)
