@@ -38,6 +38,7 @@ __all__ = [
     "check_session_id",
     "full_jitter_delay",
     "is_replayable",
+    "plaintext_channel_options",
     "remaining_timeout",
     "resume_after_seq_from_env",
     "session_stub",
@@ -367,3 +368,22 @@ def check_after_seq(after_seq: object) -> int:
     if isinstance(after_seq, bool) or not isinstance(after_seq, int) or after_seq < 0:
         raise ValueError("after_seq must be a non-negative int")
     return after_seq
+
+
+_PROXY_OPTION = "grpc.enable_http_proxy"
+
+
+def plaintext_channel_options(
+    options: Sequence[tuple[str, Any]],
+) -> list[tuple[str, Any]]:
+    """Channel options for a plaintext channel: gRPC's HTTP-proxy support off.
+
+    gRPC honours ``http_proxy``/``grpc_proxy`` from the environment by
+    default; a plaintext channel would then send every bearer token through
+    that proxy in clear. TLS channels only tunnel through a proxy, so they
+    keep the default. An explicit ``grpc.enable_http_proxy`` from the caller
+    wins.
+    """
+    if any(key == _PROXY_OPTION for key, _ in options):
+        return list(options)
+    return [(_PROXY_OPTION, 0), *options]

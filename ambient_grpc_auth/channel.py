@@ -46,6 +46,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from ._client_core import plaintext_channel_options
 from .client import AuthInterceptor
 from .errors import ConfigurationError
 from .tokens import TokenSource
@@ -496,7 +497,7 @@ def create_channel(
             parsed.target, grpc.ssl_channel_credentials(root_certificates), options, compression
         )
         if tls
-        else grpc.insecure_channel(parsed.target, options, compression)
+        else grpc.insecure_channel(parsed.target, plaintext_channel_options(options), compression)
     )
     interceptor = AuthInterceptor(token_source, retry_unauthenticated=retry_unauthenticated)
     return AuthenticatedChannel(

@@ -363,3 +363,17 @@ def test_resume_after_seq_from_env(raw: str | None, expected: int) -> None:
 def test_resume_after_seq_rejects_garbage(raw: str) -> None:
     with pytest.raises(ConfigurationError, match="RESUME_AFTER_SEQ"):
         core.resume_after_seq_from_env({"RESUME_AFTER_SEQ": raw})
+
+
+def test_plaintext_channels_turn_the_http_proxy_off() -> None:
+    from ambient_grpc_auth._client_core import plaintext_channel_options
+
+    assert plaintext_channel_options(()) == [("grpc.enable_http_proxy", 0)]
+    assert plaintext_channel_options((("grpc.lb_policy_name", "round_robin"),)) == [
+        ("grpc.enable_http_proxy", 0),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+    # An explicit choice by the caller is kept.
+    assert plaintext_channel_options((("grpc.enable_http_proxy", 1),)) == [
+        ("grpc.enable_http_proxy", 1)
+    ]

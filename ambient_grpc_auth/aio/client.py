@@ -48,6 +48,7 @@ from .._client_core import (
     Transition,
     as_token_error,
     is_replayable,
+    plaintext_channel_options,
     remaining_timeout,
     token_error_code,
     with_authorization,
@@ -595,7 +596,9 @@ def create_channel(
             interceptors=chain,
         )
         if tls
-        else grpc.aio.insecure_channel(parsed.target, options, compression, interceptors=chain)
+        else grpc.aio.insecure_channel(
+            parsed.target, plaintext_channel_options(options), compression, interceptors=chain
+        )
     )
     return AuthenticatedChannel(raw, interceptor, watch_reconnects=watch_reconnects)
 
