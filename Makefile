@@ -60,7 +60,7 @@ soak: $(STAMP)
 
 # The short soak CI runs (about 15 seconds of traffic).
 soak-quick: $(STAMP)
-	$(VENV)/bin/ambient-grpc-auth soak --duration 15 --runners 10
+	$(VENV)/bin/ambient-grpc-auth soak --duration 15 --runners 10 --restart-every 5
 
 load: $(STAMP)
 	$(VENV)/bin/ambient-grpc-auth load
