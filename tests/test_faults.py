@@ -1555,8 +1555,11 @@ def test_proxy_environment_is_ignored_by_http_fetches(
         port = w.loop.run(trap.start())
         try:
             _proxy_env(monkeypatch, port)
+            # A fresh opener: urlopen() would cache one built with the proxy
+            # for the rest of the process.
+            plain = urllib.request.build_opener()
             with contextlib.suppress(OSError):
-                urllib.request.urlopen(cp_issuer_url(w.cp_port) + "/healthz", timeout=5)  # noqa: S310
+                plain.open(cp_issuer_url(w.cp_port) + "/healthz", timeout=5)
             assert len(trap.seen) == 1  # the environment does name a proxy
             source = ControlPlaneTokenSource(
                 cp_issuer_url(w.cp_port) + "/token",
