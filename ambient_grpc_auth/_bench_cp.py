@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from ._bench_child import http_load
 from ._bench_fixtures import SESSION_ID
-from ._bench_grpc import ChildProcess, child_env, rotated
+from ._bench_proc import ChildProcess, child_env, rotated
 from .keys import ensure_keys
 from .principal import Principal
 from .proof import encrypt_v2

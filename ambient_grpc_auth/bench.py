@@ -24,19 +24,17 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import grpc
 
-from ._bench_cp import RSS_BUDGET_PER_ENTRY, TokenEndpointBench, cache_hit_us, cache_rss
+from ._bench_cp import TokenEndpointBench, cache_hit_us, cache_rss
 from ._bench_fixtures import (
     OWNER,
     SESSION_ID,
@@ -46,17 +44,15 @@ from ._bench_fixtures import (
 )
 from ._bench_grpc import (
     CALL_TIMEOUT,
-    ChildProcess,
-    CpuMeter,
     SyncClients,
     aio_round,
-    latency_stats,
-    rotated,
     stampede_aio,
     stampede_sync,
     stream_round,
     sync_unary_round,
 )
+from ._bench_proc import ChildProcess, CpuMeter, latency_stats, rotated
+from ._bench_report import Results, loadavg, machine, print_table, summarize
 from ._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 from .caching import CachingTokenSource
 from .tokens import StaticTokenSource, Token
@@ -64,7 +60,6 @@ from .tokens import StaticTokenSource, Token
 __all__ = ["DEFAULT_OUT", "FULL", "QUICK", "BenchCounts", "main", "run"]
 
 DEFAULT_OUT = Path("bench/results.json")
-_MIB = 1024 * 1024
 _SYNC_VARIANTS = ("bare", "ours", "naive", "bare_local", "call_creds", "bare_header")
 
 
@@ -72,8 +67,10 @@ _SYNC_VARIANTS = ("bare", "ours", "naive", "bare_local", "call_creds", "bare_hea
 class BenchCounts:
     """How much work each scenario does per round.
 
+    Each round streams ``stream_batches`` x ``stream_messages`` messages per
+    variant (full mode: 5 interleaved streams of 10,000, i.e. 50,000).
     ``stream_rounds`` and ``stampede_rounds`` limit those scenarios to the
-    first rounds (None: every round): a 50,000-message stream takes seconds,
+    first rounds (None: every round): streaming 50,000 messages takes seconds,
     and the stampede's fetch count does not get more precise by repetition.
     """
 
@@ -111,7 +108,8 @@ FULL = BenchCounts(
     aio_batch=50,
     concurrent_batches=3,
     concurrent_calls=1000,
-    stream_messages=50_000,
+    stream_messages=10_000,
+    stream_batches=5,
     stream_rounds=3,
     stampede_rounds=3,
     token_batches=4,
@@ -129,7 +127,8 @@ QUICK = BenchCounts(
     aio_batch=25,
     concurrent_batches=2,
     concurrent_calls=320,
-    stream_messages=4_000,
+    stream_messages=2_000,
+    stream_batches=2,
     stampede_rounds=1,
     token_batches=2,
     token_batch=20,
@@ -141,28 +140,6 @@ QUICK = BenchCounts(
 def _progress(message: str) -> None:
     sys.stderr.write(f"bench: {message}\n")
     sys.stderr.flush()
-
-
-def _median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
-
-
-def _machine() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "grpcio": grpc.__version__,
-    }
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _check_auth_is_active(ports: dict[str, int], token: str) -> None:
@@ -188,153 +165,6 @@ def _check_auth_is_active(ports: dict[str, int], token: str) -> None:
             reply = method(request, timeout=CALL_TIMEOUT, metadata=header)
             if name == "ours" and reply.caller != OWNER:
                 raise RuntimeError("bench: our server did not expose the caller to the handler")
-
-
-class _Results:
-    """Raw per-round numbers, filled in by the scenarios."""
-
-    def __init__(self) -> None:
-        self.sync: list[dict[str, dict[str, float]]] = []
-        self.aio_latency: list[dict[str, dict[str, float]]] = []
-        self.aio_throughput: list[dict[str, float]] = []
-        self.stream: list[dict[str, float]] = []
-        self.stampede_sync: list[dict[str, Any]] = []
-        self.stampede_aio: list[dict[str, Any]] = []
-        self.token: list[dict[str, float]] = []
-        self.cache_hit: list[float] = []
-        self.cpu_sync: list[dict[str, dict[str, float]]] = []
-        self.cpu_aio: list[dict[str, dict[str, float]]] = []
-        self.cpu_stream: list[dict[str, dict[str, float]]] = []
-
-
-def _metric(value: float, target: str, holds: Callable[[float], bool]) -> dict[str, Any]:
-    """``{"value", "target", "ok"}``; ``ok`` is judged on the value as written."""
-    shown = round(value, 4)
-    return {"value": shown, "target": target, "ok": bool(holds(shown))}
-
-
-def _ratios(rounds: list[dict[str, float]], num: str, den: str) -> list[float]:
-    return [r[num] / r[den] for r in rounds]
-
-
-def _cpu_medians(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Per variant, the median over rounds of client and server CPU (us)."""
-    if not rounds:
-        return {}
-    return {
-        name: {
-            side: round(_median([r[name][side] for r in rounds]), 1)
-            for side in ("client_us", "server_us")
-        }
-        for name in rounds[0]
-    }
-
-
-def _p50s(rounds: list[dict[str, dict[str, float]]]) -> list[dict[str, float]]:
-    return [{name: stats["p50_us"] for name, stats in r.items()} for r in rounds]
-
-
-def _summarize(res: _Results, rss: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, context) from the per-round numbers."""
-    sync = _p50s(res.sync)
-    ours = _median(_ratios(sync, "ours", "bare"))
-    naive = _median(_ratios(sync, "naive", "bare"))
-    creds = _median(_ratios(sync, "call_creds", "bare_local"))
-    aio_p50 = _median(_ratios(_p50s(res.aio_latency), "aio_ours", "aio_bare"))
-    aio_tp = _median(_ratios(res.aio_throughput, "aio_ours", "aio_bare"))
-    stream = _median(_ratios(res.stream, "stream_ours", "stream_bare"))
-    token = _median(_ratios(res.token, "endpoint", "raw"))
-    hit = _median(res.cache_hit)
-    fetches_sync = max(r["fetches"] for r in res.stampede_sync)
-    fetches_aio = max(r["fetches"] for r in res.stampede_aio)
-    sync_clean = all(r["failed"] == 0 for r in res.stampede_sync)
-    aio_clean = all(r["failed"] == 0 for r in res.stampede_aio)
-    growth = (rss["rss_after_kib"] - rss["rss_before_kib"]) / 1024
-    bound = round(rss["max_entries"] * RSS_BUDGET_PER_ENTRY / _MIB, 1)
-    ours = round(ours, 4)
-    metrics = {
-        "sync_unary_p50_ratio": _metric(ours, "<= 1.05", lambda v: v <= 1.05),
-        "sync_unary_naive_jwt_ratio": _metric(naive, f"> {ours} (ours)", lambda v: ours < v),
-        "sync_unary_call_creds_ratio": _metric(creds, f"> {ours} (ours)", lambda v: ours < v),
-        "aio_unary_p50_ratio": _metric(aio_p50, "<= 1.08", lambda v: v <= 1.08),
-        "aio_concurrent_throughput_ratio": _metric(aio_tp, ">= 0.95", lambda v: v >= 0.95),
-        "stream_throughput_ratio": _metric(stream, ">= 0.98", lambda v: v >= 0.98),
-        "stampede_fetches_sync": _metric(fetches_sync, "== 1", lambda v: v == 1 and sync_clean),
-        "stampede_fetches_aio": _metric(fetches_aio, "== 1", lambda v: v == 1 and aio_clean),
-        "token_endpoint_vs_raw_decrypt": _metric(token, ">= 0.8", lambda v: v >= 0.8),
-        "verified_cache_hit_us": _metric(hit, "<= 5", lambda v: v <= 5),
-        "verified_cache_rss_mb_100k": _metric(growth, f"<= {bound}", lambda v: v <= bound),
-    }
-    context = {
-        "sync_unary": {
-            "p50_us_median": {n: _median([r[n] for r in sync]) for n in sync[0]},
-            "bare_header_ratio": _median(_ratios(sync, "bare_header", "bare")),
-            "cpu_us_per_call": _cpu_medians(res.cpu_sync),
-            "per_round": res.sync,
-        },
-        "aio": {
-            "p50_us_median": {
-                n: _median([r[n] for r in _p50s(res.aio_latency)]) for n in res.aio_latency[0]
-            },
-            "throughput_per_s_median": {
-                n: _median([r[n] for r in res.aio_throughput]) for n in res.aio_throughput[0]
-            },
-            "cpu_us_per_call_concurrent": _cpu_medians(res.cpu_aio),
-            "latency_per_round": res.aio_latency,
-            "throughput_per_round": res.aio_throughput,
-        },
-        "stream": {
-            "messages_per_s_per_round": res.stream,
-            "cpu_us_per_message": _cpu_medians(res.cpu_stream),
-        },
-        "stampede": {"sync": res.stampede_sync, "aio": res.stampede_aio},
-        "token_endpoint": {
-            "per_second_per_round": res.token,
-            **(
-                {
-                    "in_process_client_ratio": _median(
-                        _ratios(res.token, "endpoint_in_process", "raw")
-                    )
-                }
-                if "endpoint_in_process" in res.token[0]
-                else {}
-            ),
-        },
-        "verified_cache": {
-            "hit_us_per_round": res.cache_hit,
-            "rss": rss,
-            "rss_growth_mib": round(growth, 2),
-            "rss_bound_mib": bound,
-            "budget_bytes_per_entry": RSS_BUDGET_PER_ENTRY,
-        },
-    }
-    return metrics, context
-
-
-def _print_table(doc: dict[str, Any], stream: TextIO) -> None:
-    rows = [(name, m) for name, m in doc.items() if not name.startswith("_")]
-    width = max(len(name) for name, _ in rows)
-    stream.write(f"{'metric':<{width}}  {'value':>10}  {'target':<22}  ok\n")
-    stream.write("-" * (width + 42) + "\n")
-    for name, m in rows:
-        value = m["value"]
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        stream.write(
-            f"{name:<{width}}  {shown:>10}  {m['target']:<22}  {'yes' if m['ok'] else 'NO'}\n"
-        )
-    meta = doc.get("_meta", {})
-    p50 = meta.get("sync_unary", {}).get("p50_us_median", {})
-    if p50:
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in p50.items())
-        stream.write(f"sync unary p50 (us): {parts}\n")
-    cpu = meta.get("sync_unary", {}).get("cpu_us_per_call", {})
-    if cpu:
-        parts = ", ".join(f"{k} {v['client_us']:.0f}+{v['server_us']:.0f}" for k, v in cpu.items())
-        stream.write(f"sync unary CPU per call, client+server (us): {parts}\n")
-    stream.write(
-        f"mode {meta.get('mode')}, {meta.get('rounds')} rounds, {meta.get('duration_s')} s, "
-        f"load {meta.get('loadavg_before')} -> {meta.get('loadavg_after')}\n"
-    )
 
 
 def _run_rounds(
@@ -370,13 +200,13 @@ def run(
     if rounds is not None:
         chosen = dataclasses.replace(chosen, rounds=rounds)
     started = time.perf_counter()
-    load_before = _loadavg()
+    load_before = loadavg()
     identity = new_identity()
     token = mint_user_token(identity, now=time.time())
     owners = {SESSION_ID: OWNER}
     spec = {"workers": chosen.server_workers, "public_pem": identity.public_pem, "owners": owners}
     source = CachingTokenSource(StaticTokenSource(Token.from_value(token)))
-    res = _Results()
+    res = Results()
     children: list[ChildProcess] = []
     clients: SyncClients | None = None
     endpoint: TokenEndpointBench | None = None
@@ -400,9 +230,10 @@ def run(
             )
             endpoint.warm(chosen.token_concurrency * 2)
             setup_seconds = round(time.perf_counter() - setup_started, 1)
-            principal = ours_config(identity.public_pem, owners, inline_lookup=True)
-            verified = principal.authenticator.authenticate(token)
-            bench = endpoint
+            # The principal our authenticator builds for the token (cache probe).
+            reference = ours_config(identity.public_pem, owners, inline_lookup=True)
+            verified = reference.authenticator.authenticate(token)
+            token_bench = endpoint  # not Optional, for the closures below
 
             def sync_unary(index: int) -> None:
                 meter = CpuMeter(children[0])
@@ -454,17 +285,17 @@ def run(
             def stampede(index: int) -> None:
                 if chosen.stampede_rounds is not None and index >= chosen.stampede_rounds:
                     return
-                kw = {"calls": chosen.stampede_calls, "fetch_delay": chosen.fetch_delay}
-                res.stampede_sync.append(
-                    dataclasses.asdict(stampede_sync(ports["ours"], token, **kw))  # type: ignore[arg-type]
+                calls, delay = chosen.stampede_calls, chosen.fetch_delay
+                sync_result = stampede_sync(ports["ours"], token, calls=calls, fetch_delay=delay)
+                aio_result = asyncio.run(
+                    stampede_aio(ports["aio_ours"], token, calls=calls, fetch_delay=delay)
                 )
-                res.stampede_aio.append(
-                    dataclasses.asdict(asyncio.run(stampede_aio(ports["aio_ours"], token, **kw)))  # type: ignore[arg-type]
-                )
+                res.stampede_sync.append(dataclasses.asdict(sync_result))
+                res.stampede_aio.append(dataclasses.asdict(aio_result))
 
             def token_endpoint(index: int) -> None:
                 res.token.append(
-                    bench.round(
+                    token_bench.round(
                         batches=chosen.token_batches,
                         batch_size=chosen.token_batch,
                         round_index=index,
@@ -505,17 +336,17 @@ def run(
                 endpoint.close()
             for child in children:
                 child.close()
-    metrics, context = _summarize(res, rss)
+    metrics, context = summarize(res, rss)
     doc: dict[str, Any] = dict(metrics)
     doc["_meta"] = {
         "mode": "quick" if quick else "full",
         "rounds": chosen.rounds,
         "counts": dataclasses.asdict(chosen),
-        "machine": _machine(),
+        "machine": machine(),
         "duration_s": round(time.perf_counter() - started, 1),
         "phase_seconds": phases,
         "loadavg_before": load_before,
-        "loadavg_after": _loadavg(),
+        "loadavg_after": loadavg(),
         "token_chars": len(token),
         **context,
     }
@@ -551,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError, grpc.RpcError) as exc:
         sys.stderr.write(f"bench failed: {exc}\n")
         return 2
-    _print_table(doc, sys.stdout)
+    print_table(doc, sys.stdout)
     sys.stdout.write(f"results written to {args.out}\n")
     missed = [name for name, m in doc.items() if not name.startswith("_") and not m["ok"]]
     return 1 if args.check and missed else 0

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ambient_grpc_auth import bench
-from ambient_grpc_auth._bench_grpc import latency_stats, rotated
+from ambient_grpc_auth._bench_proc import latency_stats, rotated
 
 METRICS = {
     "sync_unary_p50_ratio",
