@@ -14,8 +14,10 @@ __all__ = [
     "AUTHORIZATION_KEY",
     "DEFAULT_MAX_TOKEN_BYTES",
     "authorization_metadata",
+    "authorization_value",
     "extract_bearer",
     "mask",
+    "parse_bearer",
 ]
 
 AUTHORIZATION_KEY = "authorization"
@@ -40,19 +42,15 @@ def _is_printable_ascii(token: str) -> bool:
     return token.isascii() and token.isprintable() and " " not in token
 
 
-def extract_bearer(
+def authorization_value(
     metadata: Iterable[tuple[str, str | bytes]] | None,
     *,
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
 ) -> str:
-    """Return the bearer token from invocation metadata.
+    """The single ``authorization`` value, bounded in size but not yet parsed.
 
-    Exactly one ``authorization`` value is accepted; it must be
-    ``Bearer <token>`` (scheme case-insensitive, one space) with a non-empty
-    token of at most ``max_token_bytes`` visible ASCII characters.
-
-    Raises :class:`TokenRejectedError` (UNAUTHENTICATED) with a fixed reason:
-    ``missing``, ``duplicate``, ``malformed``, ``oversized``.
+    Raises :class:`TokenRejectedError` (UNAUTHENTICATED): ``missing``,
+    ``duplicate``, ``malformed`` (binary value), ``oversized``.
     """
     found: str | bytes | None = None
     count = 0
@@ -69,9 +67,32 @@ def extract_bearer(
     # Scheme (6) + space + token; checked before any slicing of a huge value.
     if len(found) > max_token_bytes + 7:
         raise TokenRejectedError("oversized")
-    scheme, sep, token = found.partition(" ")
+    return found
+
+
+def parse_bearer(value: str) -> str:
+    """The token of ``Bearer <token>`` (scheme case-insensitive, one space,
+    a non-empty token of visible ASCII); TokenRejectedError ``malformed``."""
+    scheme, sep, token = value.partition(" ")
     if not sep or scheme.lower() != _SCHEME or not token:
         raise TokenRejectedError("malformed")
     if not _is_printable_ascii(token):
         raise TokenRejectedError("malformed")
     return token
+
+
+def extract_bearer(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+    *,
+    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+) -> str:
+    """Return the bearer token from invocation metadata.
+
+    Exactly one ``authorization`` value is accepted; it must be
+    ``Bearer <token>`` (scheme case-insensitive, one space) with a non-empty
+    token of at most ``max_token_bytes`` visible ASCII characters.
+
+    Raises :class:`TokenRejectedError` (UNAUTHENTICATED) with a fixed reason:
+    ``missing``, ``duplicate``, ``malformed``, ``oversized``.
+    """
+    return parse_bearer(authorization_value(metadata, max_token_bytes=max_token_bytes))

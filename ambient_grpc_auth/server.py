@@ -37,6 +37,7 @@ Place it first in the interceptor list so nothing runs before it. Thread-safe.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeAlias
@@ -135,22 +136,32 @@ def _rejecting_handler(handler: Handler | None, denial: Denial) -> Handler:
 
 def _scoped_iteration(principal: Principal, start: Callable[[], Any]) -> Iterator[Any]:
     """Iterate what ``start()`` returns with ``principal`` current during
-    every step (response generators run lazily, outside the handler call)."""
-    with principal_scope(principal):
-        iterator = iter(start())
+    every step (response generators run lazily, outside the handler call).
+
+    Every step runs in one copied context in which the principal is current,
+    instead of setting and resetting it around each message.
+    """
+    context = contextvars.copy_context()
+    context.run(_enter_scope, principal)
+    run = context.run
+    iterator = run(lambda: iter(start()))
+    step = iterator.__next__
     try:
         while True:
-            with principal_scope(principal):
-                try:
-                    item = next(iterator)
-                except StopIteration:
-                    return
+            try:
+                item = run(step)
+            except StopIteration:
+                return
             yield item
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
-            with principal_scope(principal):
-                close()
+            run(close)
+
+
+def _enter_scope(principal: Principal) -> None:
+    # Runs inside the copied context only; the caller's context is untouched.
+    principal_scope(principal).__enter__()
 
 
 def _checked_requests(

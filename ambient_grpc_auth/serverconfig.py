@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ._bearer import DEFAULT_MAX_TOKEN_BYTES, extract_bearer
+from ._bearer import DEFAULT_MAX_TOKEN_BYTES, authorization_value, parse_bearer
 from ._clock import SYSTEM_CLOCK, Clock
 from .authn import (
     DEFAULT_STATIC_USERNAME,
@@ -169,13 +169,18 @@ class _AuthEngine:
     # --- authentication ---
 
     def _token(self, metadata: Metadata) -> tuple[str, bytes | None, Principal | None]:
-        token = extract_bearer(metadata, max_token_bytes=self._max_token_bytes)
+        # The cache is keyed by the whole header value, so a hit skips the
+        # parse as well as the signature check. Safe: only values that parsed
+        # and verified are ever stored.
+        value = authorization_value(metadata, max_token_bytes=self._max_token_bytes)
         if self._cache is None:
-            return token, None, None
-        key = self._cache.key_for(token)
+            return parse_bearer(value), None, None
+        key = self._cache.key_for(value)
         principal = self._cache.get(key)
         self.metrics.cache(principal is not None)
-        return token, key, principal
+        if principal is not None:
+            return "", key, principal
+        return parse_bearer(value), key, None
 
     def _admit(self, key: bytes | None, principal: Principal) -> Principal:
         principal = self._classifier.classify(principal)
