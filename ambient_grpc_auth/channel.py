@@ -39,6 +39,7 @@ import ipaddress
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -298,6 +299,14 @@ def _let_connectivity_poller_settle(channel: grpc.Channel) -> None:
     time.sleep(0.005)
 
 
+def _close_at_exit(
+    channel: grpc.Channel, callback: Callable[[grpc.ChannelConnectivity], None]
+) -> None:
+    with contextlib.suppress(Exception):
+        channel.unsubscribe(callback)
+        channel.close()
+
+
 class AuthenticatedChannel(grpc.Channel):
     """A ``grpc.Channel`` whose calls carry the bearer token.
 
@@ -324,9 +333,15 @@ class AuthenticatedChannel(grpc.Channel):
         self._interceptor = interceptor
         self._intercepted = grpc.intercept_channel(channel, *interceptors, interceptor)
         self._watching: Callable[[grpc.ChannelConnectivity], None] | None = None
+        self._at_exit: weakref.finalize[Any, Any] | None = None
         if watch_reconnects:
             self._watching = interceptor.on_connectivity
             channel.subscribe(self._watching, try_to_connect=False)
+            # A channel left open with a connectivity subscription deadlocks
+            # interpreter exit (gRPC's __del__ waits on a lock held by its
+            # frozen polling thread); close it at exit, or when this object
+            # is collected, if close() was never called.
+            self._at_exit = weakref.finalize(self, _close_at_exit, channel, self._watching)
 
     def __repr__(self) -> str:
         return f"AuthenticatedChannel(interceptor={self._interceptor!r})"
@@ -369,6 +384,8 @@ class AuthenticatedChannel(grpc.Channel):
         return self._intercepted.stream_stream(method, *args, **kwargs)
 
     def close(self) -> None:
+        if self._at_exit is not None:
+            self._at_exit.detach()
         watching, self._watching = self._watching, None
         if watching is not None:
             # Already gone (closing twice) is fine.

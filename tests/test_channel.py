@@ -367,3 +367,29 @@ async def test_aio_tls_channel(tls_server: EchoServer, tls_material: tuple[bytes
         assert reply.caller == "Bearer tok-1"
     finally:
         await channel.close()
+
+
+def test_process_exits_with_a_channel_left_open() -> None:
+    """gRPC deadlocks interpreter exit when a subscribed channel is never
+    closed; the channel closes itself at exit instead."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import grpc
+        from ambient_grpc_auth.channel import create_channel
+        from ambient_grpc_auth.tokens import StaticTokenSource
+        channel = create_channel("127.0.0.1:1", StaticTokenSource("t"), tls=False)
+        try:
+            channel.unary_unary("/x.Y/Z")(b"", timeout=0.2)
+        except grpc.RpcError as err:
+            print(err.code().name)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
