@@ -59,7 +59,7 @@ from .errors import ConfigurationError
 from .issuers import DEFAULT_AUDIENCE
 from .keys import ensure_keys
 from .sessions import WatchRetryPolicy
-from .soak import _create_sessions, _SessionServerProcess
+from .soak import _create_sessions, _positive, _run_report_cli, _SessionServerProcess
 from .tokens import StaticTokenSource
 from .tokenserver import TokenServerConfig, start_token_server
 
@@ -591,13 +591,6 @@ def _report(
 # --------------------------------------------------------------------------- CLI
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ambient-grpc-auth load",
@@ -619,12 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: run the load and print its report; 0 when every stream
     opened and nothing was lost, duplicated or failed, 1 otherwise, 2 for bad
     arguments."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # "ambient-grpc-auth <command> -- --option ..." passes the separator on
-        argv = argv[1:]
-    args = _parser().parse_args(argv)
-    try:
-        config = LoadConfig(
+
+    def make_config(args: argparse.Namespace) -> LoadConfig:
+        return LoadConfig(
             streams=args.streams,
             duration=args.duration,
             rate=args.rate,
@@ -632,20 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ramp=args.ramp,
             keys_dir=args.keys_dir,
         )
-    except ConfigurationError as exc:
-        print(f"ambient-grpc-auth load: error: {exc}", file=sys.stderr)
-        return 2
 
-    def progress(line: str) -> None:
-        if not args.quiet:
-            print(f"load: {line}", file=sys.stderr, flush=True)
-
-    report = asyncio.run(run_load(config, progress=progress))
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
-    else:
-        print(report.format_text())
-    return 0 if report.ok else 1
+    return _run_report_cli("load", argv, _parser(), make_config, run_load)
 
 
 if __name__ == "__main__":

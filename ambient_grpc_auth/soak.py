@@ -876,15 +876,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_report_cli(
+    name: str,
+    argv: Sequence[str] | None,
+    parser: argparse.ArgumentParser,
+    make_config: Callable[[argparse.Namespace], Any],
+    run: Callable[..., Any],
+) -> int:
+    """The shared shape of the soak and load entry points: parse, build the
+    config (ConfigurationError -> exit 2), run with progress on stderr, print
+    the report (text or --json); exit 0 when the report is ok, else 1."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["--"]:  # "ambient-grpc-auth <command> -- --option ..." passes it on
+        args_list = args_list[1:]
+    args = parser.parse_args(args_list)
+    try:
+        config = make_config(args)
+    except ConfigurationError as exc:
+        print(f"ambient-grpc-auth {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(f"{name}: {line}", file=sys.stderr, flush=True)
+
+    report = asyncio.run(run(config, progress=progress))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        print(report.format_text())
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: run the soak and print its report; 0 when nothing was lost,
     duplicated or unexpected, 1 otherwise, 2 for bad arguments."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # "ambient-grpc-auth <command> -- --option ..." passes the separator on
-        argv = argv[1:]
-    args = _parser().parse_args(argv)
-    try:
-        config = SoakConfig(
+
+    def make_config(args: argparse.Namespace) -> SoakConfig:
+        return SoakConfig(
             runners=args.runners,
             duration=args.duration,
             ttl=args.ttl,
@@ -895,20 +924,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             leeway=args.leeway,
             keys_dir=args.keys_dir,
         )
-    except ConfigurationError as exc:
-        print(f"ambient-grpc-auth soak: error: {exc}", file=sys.stderr)
-        return 2
 
-    def progress(line: str) -> None:
-        if not args.quiet:
-            print(f"soak: {line}", file=sys.stderr, flush=True)
-
-    report = asyncio.run(run_soak(config, progress=progress))
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
-    else:
-        print(report.format_text())
-    return 0 if report.ok else 1
+    return _run_report_cli("soak", argv, _parser(), make_config, run_soak)
 
 
 if __name__ == "__main__":
