@@ -11,9 +11,11 @@ Nothing in this module is thread-safe on its own: the adapters hold the locks.
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,7 @@ import grpc
 
 from ._bearer import AUTHORIZATION_KEY, authorization_metadata
 from .errors import ConfigurationError, TokenUnavailableError
+from .tokens import RefreshableTokenSource, Token, TokenSource
 
 __all__ = [
     "CALL_DETAIL_FIELDS",
@@ -28,6 +31,7 @@ __all__ = [
     "RESUME_AFTER_SEQ_ENV",
     "TOKEN_UNAVAILABLE_DETAILS",
     "ConnectivityTracker",
+    "InterceptorState",
     "MessageVerdict",
     "Transition",
     "WatchDecision",
@@ -387,3 +391,92 @@ def plaintext_channel_options(
     if any(key == _PROXY_OPTION for key, _ in options):
         return list(options)
     return [(_PROXY_OPTION, 0), *options]
+
+
+_log = logging.getLogger("ambient_grpc_auth.client")
+
+
+class InterceptorState:
+    """What the sync and aio client interceptors share (no I/O): the token
+    source, the reconnect decision, invalidation and the counters.
+
+    ``lock`` guards the connectivity state and counters: a real lock in sync
+    gRPC (callbacks arrive on gRPC's threads), a no-op in grpc.aio (one loop).
+    """
+
+    def __init__(
+        self,
+        token_source: TokenSource,
+        *,
+        retry_unauthenticated: bool,
+        lock: AbstractContextManager[Any],
+    ) -> None:
+        self._source = token_source
+        self._invalidate: Callable[[Token], None] | None = (
+            token_source.invalidate if isinstance(token_source, RefreshableTokenSource) else None
+        )
+        self._retry = retry_unauthenticated
+        self._lock = lock
+        self._tracker = ConnectivityTracker()
+        self._last_token: Token | None = None
+        self._token_at_disconnect: Token | None = None
+        self._retries = 0
+
+    def __repr__(self) -> str:
+        return f"AuthInterceptor(source={type(self._source).__name__})"
+
+    @property
+    def token_source(self) -> TokenSource:
+        return self._source
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the subscribed channel came back to READY after
+        having left it (the first connect is not counted)."""
+        return self._tracker.reconnects
+
+    @property
+    def last_state(self) -> grpc.ChannelConnectivity | None:
+        """The channel state last reported to :meth:`on_connectivity`."""
+        return self._tracker.last_state
+
+    @property
+    def unauthenticated_retries(self) -> int:
+        """How many unary calls were retried after UNAUTHENTICATED."""
+        return self._retries
+
+    def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        """Channel connectivity callback: ``channel.subscribe(interceptor.on_connectivity)``.
+
+        On a reconnect (READY again after READY was left) the token that was
+        in use when the connection dropped is invalidated, so the first call
+        made after the reconnect fetches a fresh one. Calls in flight are not
+        touched; calls that race the reconnect may still carry the previous
+        token (the server answers UNAUTHENTICATED if it was revoked, and the
+        retry then uses a fresh one). Sync gRPC reports states by polling, so
+        a drop and reconnect that both happen between two polls can go
+        unnoticed; the UNAUTHENTICATED retry covers that case too.
+        """
+        with self._lock:
+            transition = self._tracker.observe(state)
+            if transition is Transition.DISCONNECTED:
+                self._token_at_disconnect = self._last_token
+                return
+            if transition is not Transition.RECONNECTED:
+                return
+            stale, self._token_at_disconnect = self._token_at_disconnect, None
+        _log.info("gRPC channel reconnected; the next call uses a freshly fetched token")
+        if stale is not None:
+            self._token_rejected(stale)
+
+    def _count_retry(self) -> None:
+        with self._lock:
+            self._retries += 1
+
+    def _token_rejected(self, token: Token) -> None:
+        if self._invalidate is None:
+            return
+        try:
+            self._invalidate(token)
+        except Exception as exc:  # must not break the caller's error path
+            _log.warning("token source failed to invalidate a token (%s)", type(exc).__name__)

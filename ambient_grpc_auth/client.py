@@ -43,8 +43,7 @@ import grpc
 from ._bearer import authorization_metadata
 from ._client_core import (
     TOKEN_UNAVAILABLE_DETAILS,
-    ConnectivityTracker,
-    Transition,
+    InterceptorState,
     as_token_error,
     is_replayable,
     remaining_timeout,
@@ -52,7 +51,7 @@ from ._client_core import (
     with_authorization,
 )
 from .errors import TokenUnavailableError
-from .tokens import RefreshableTokenSource, Token, TokenSource
+from .tokens import Token, TokenSource
 
 __all__ = [
     "AuthInterceptor",
@@ -291,6 +290,7 @@ def _code_of(outcome: Any) -> grpc.StatusCode | None:
 
 
 class AuthInterceptor(
+    InterceptorState,
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
@@ -311,65 +311,9 @@ class AuthInterceptor(
     """
 
     def __init__(self, token_source: TokenSource, *, retry_unauthenticated: bool = True) -> None:
-        self._source = token_source
-        self._invalidate: Callable[[Token], None] | None = (
-            token_source.invalidate if isinstance(token_source, RefreshableTokenSource) else None
+        super().__init__(
+            token_source, retry_unauthenticated=retry_unauthenticated, lock=threading.Lock()
         )
-        self._retry = retry_unauthenticated
-        self._lock = threading.Lock()
-        self._tracker = ConnectivityTracker()
-        self._last_token: Token | None = None
-        self._token_at_disconnect: Token | None = None
-        self._retries = 0
-
-    def __repr__(self) -> str:
-        return f"AuthInterceptor(source={type(self._source).__name__})"
-
-    @property
-    def token_source(self) -> TokenSource:
-        return self._source
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the subscribed channel came back to READY after
-        having left it (the first connect is not counted)."""
-        return self._tracker.reconnects
-
-    @property
-    def last_state(self) -> grpc.ChannelConnectivity | None:
-        """The channel state last reported to :meth:`on_connectivity`."""
-        return self._tracker.last_state
-
-    @property
-    def unauthenticated_retries(self) -> int:
-        """How many unary calls were retried after UNAUTHENTICATED."""
-        return self._retries
-
-    # --- connectivity -------------------------------------------------------
-
-    def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        """Channel connectivity callback: ``channel.subscribe(interceptor.on_connectivity)``.
-
-        On a reconnect (READY again after READY was left) the token that was
-        in use when the connection dropped is invalidated, so the first call
-        made after the reconnect fetches a fresh one. Calls in flight are not
-        touched; calls that race the reconnect may still carry the previous
-        token (the server answers UNAUTHENTICATED if it was revoked, and the
-        retry then uses a fresh one). gRPC reports states by polling, so a
-        drop and reconnect that both happen between two polls can go
-        unnoticed; the UNAUTHENTICATED retry covers that case too.
-        """
-        with self._lock:
-            transition = self._tracker.observe(state)
-            if transition is Transition.DISCONNECTED:
-                self._token_at_disconnect = self._last_token
-                return
-            if transition is not Transition.RECONNECTED:
-                return
-            stale, self._token_at_disconnect = self._token_at_disconnect, None
-        _log.info("gRPC channel reconnected; the next call uses a freshly fetched token")
-        if stale is not None:
-            self._token_rejected(stale)
 
     # --- token plumbing ------------------------------------------------------
 
@@ -382,14 +326,6 @@ class AuthInterceptor(
             raise as_token_error(exc) from exc
         self._last_token = token
         return token
-
-    def _token_rejected(self, token: Token) -> None:
-        if self._invalidate is None:
-            return
-        try:
-            self._invalidate(token)
-        except Exception as exc:  # must not break the caller's error path
-            _log.warning("token source failed to invalidate a token (%s)", type(exc).__name__)
 
     def _after_future(self, token: Token, future: Any) -> None:
         try:
@@ -437,8 +373,7 @@ class AuthInterceptor(
             return outcome  # the server's answer is more useful than ours
         if fresh.value == token.value:
             return outcome  # e.g. a static source: the same token fails again
-        with self._lock:
-            self._retries += 1
+        self._count_retry()
         second = continuation(_rebuild(details, fresh.value, timeout), request())
         if _finished(second) and _code_of(second) is _UNAUTHENTICATED:
             self._token_rejected(fresh)

@@ -34,6 +34,7 @@ interceptor per shape, and :func:`create_channel` installs all four.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
@@ -44,8 +45,7 @@ import grpc.aio
 
 from .._client_core import (
     TOKEN_UNAVAILABLE_DETAILS,
-    ConnectivityTracker,
-    Transition,
+    InterceptorState,
     as_token_error,
     is_replayable,
     plaintext_channel_options,
@@ -55,7 +55,7 @@ from .._client_core import (
 )
 from ..channel import ChannelConfig, check_target
 from ..errors import ConfigurationError, TokenUnavailableError
-from ..tokens import RefreshableTokenSource, Token, TokenSource
+from ..tokens import Token, TokenSource
 
 __all__ = [
     "AuthInterceptor",
@@ -214,7 +214,7 @@ class _AuthStreamUnaryCall(_CallProxy, grpc.aio.StreamUnaryCall[Any, Any]):
             raise
 
 
-class AuthInterceptor:
+class AuthInterceptor(InterceptorState):
     """Adds the bearer token to grpc.aio calls of all four RPC shapes.
 
     See :class:`ambient_grpc_auth.client.AuthInterceptor` for the contract.
@@ -228,18 +228,12 @@ class AuthInterceptor:
     """
 
     def __init__(self, token_source: TokenSource, *, retry_unauthenticated: bool = True) -> None:
-        self._source = token_source
-        self._invalidate: Callable[[Token], None] | None = (
-            token_source.invalidate if isinstance(token_source, RefreshableTokenSource) else None
+        # One event loop: no lock is needed around the shared state.
+        super().__init__(
+            token_source,
+            retry_unauthenticated=retry_unauthenticated,
+            lock=contextlib.nullcontext(),
         )
-        self._retry = retry_unauthenticated
-        self._tracker = ConnectivityTracker()
-        self._last_token: Token | None = None
-        self._token_at_disconnect: Token | None = None
-        self._retries = 0
-
-    def __repr__(self) -> str:
-        return f"AuthInterceptor(source={type(self._source).__name__})"
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """One single-shape grpc.aio interceptor per RPC shape, all backed by
@@ -251,39 +245,6 @@ class AuthInterceptor:
             _StreamStream(self),
         ]
 
-    @property
-    def token_source(self) -> TokenSource:
-        return self._source
-
-    @property
-    def reconnects(self) -> int:
-        """Reconnects observed (READY again after READY was left)."""
-        return self._tracker.reconnects
-
-    @property
-    def last_state(self) -> grpc.ChannelConnectivity | None:
-        """The channel state last reported to :meth:`on_connectivity`."""
-        return self._tracker.last_state
-
-    @property
-    def unauthenticated_retries(self) -> int:
-        """How many unary calls were retried after UNAUTHENTICATED."""
-        return self._retries
-
-    def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        """Feed a channel state; on a reconnect the token that was in use when
-        the connection dropped is invalidated (see the sync twin)."""
-        transition = self._tracker.observe(state)
-        if transition is Transition.DISCONNECTED:
-            self._token_at_disconnect = self._last_token
-            return
-        if transition is not Transition.RECONNECTED:
-            return
-        stale, self._token_at_disconnect = self._token_at_disconnect, None
-        _log.info("gRPC channel reconnected; the next call uses a freshly fetched token")
-        if stale is not None:
-            self._token_rejected(stale)
-
     async def _get_token(self) -> Token:
         try:
             token = await self._source.get_token_async()
@@ -293,14 +254,6 @@ class AuthInterceptor:
             raise TokenUnavailableAioRpcError(err) from err
         self._last_token = token
         return token
-
-    def _token_rejected(self, token: Token) -> None:
-        if self._invalidate is None:
-            return
-        try:
-            self._invalidate(token)
-        except Exception as exc:  # must not break the caller's error path
-            _log.warning("token source failed to invalidate a token (%s)", type(exc).__name__)
 
     @staticmethod
     async def _code(call: Any) -> grpc.StatusCode:
@@ -342,7 +295,7 @@ class AuthInterceptor:
             return call  # the server's answer is more useful than ours
         if fresh.value == token.value:
             return call
-        self._retries += 1
+        self._count_retry()
         second = await continuation(_rebuild(details, fresh.value, timeout), request)
         if await self._code(second) is _UNAUTHENTICATED:
             self._token_rejected(fresh)
