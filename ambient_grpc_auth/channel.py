@@ -48,6 +48,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from ._client_core import plaintext_channel_options
+from ._unarycall import DirectUnaryUnary
 from .client import AuthInterceptor
 from .errors import ConfigurationError
 from .tokens import TokenSource
@@ -332,6 +333,9 @@ class AuthenticatedChannel(grpc.Channel):
         self._raw = channel
         self._interceptor = interceptor
         self._intercepted = grpc.intercept_channel(channel, *interceptors, interceptor)
+        # Without interceptors of the caller's own, blocking unary calls skip
+        # gRPC's interceptor machinery (see ambient_grpc_auth._unarycall).
+        self._direct = not interceptors
         self._watching: Callable[[grpc.ChannelConnectivity], None] | None = None
         self._at_exit: weakref.finalize[Any, Any] | None = None
         if watch_reconnects:
@@ -366,7 +370,11 @@ class AuthenticatedChannel(grpc.Channel):
     def unary_unary(
         self, method: str, *args: Any, **kwargs: Any
     ) -> grpc.UnaryUnaryMultiCallable[Any, Any]:
-        return self._intercepted.unary_unary(method, *args, **kwargs)
+        intercepted = self._intercepted.unary_unary(method, *args, **kwargs)
+        if not self._direct:
+            return intercepted
+        raw = self._raw.unary_unary(method, *args, **kwargs)
+        return DirectUnaryUnary(raw, intercepted, self._interceptor)
 
     def unary_stream(
         self, method: str, *args: Any, **kwargs: Any

@@ -93,13 +93,13 @@ class _CallDetails(
 
 
 def _rebuild(
-    details: grpc.ClientCallDetails, token: str, timeout: float | None
+    details: grpc.ClientCallDetails, metadata: Any, timeout: float | None
 ) -> grpc.ClientCallDetails:
     # getattr: details built by other interceptors may lack newer fields.
     return _CallDetails(
         details.method,
         timeout,
-        with_authorization(details.metadata, token),
+        metadata,
         getattr(details, "credentials", None),
         getattr(details, "wait_for_ready", None),
         getattr(details, "compression", None),
@@ -314,6 +314,8 @@ class AuthInterceptor(
         super().__init__(
             token_source, retry_unauthenticated=retry_unauthenticated, lock=threading.Lock()
         )
+        # (token, metadata) of the last call without caller metadata.
+        self._plain_metadata: tuple[Token, tuple[tuple[str, Any], ...]] | None = None
 
     # --- token plumbing ------------------------------------------------------
 
@@ -326,6 +328,39 @@ class AuthInterceptor(
             raise as_token_error(exc) from exc
         self._last_token = token
         return token
+
+    def _bearer_metadata(self, token: Token, metadata: Any) -> tuple[tuple[str, Any], ...]:
+        """The metadata of a call: ``metadata`` with ``token`` as its only
+        bearer. Without caller metadata the tuple is built once per token."""
+        if metadata:
+            return with_authorization(metadata, token.value)
+        cached = self._plain_metadata
+        if cached is not None and cached[0] is token:
+            return cached[1]
+        built = (authorization_metadata(token.value),)
+        self._plain_metadata = (token, built)
+        return built
+
+    def _retry_after(
+        self, rejected: Token, timeout: float | None, elapsed: float
+    ) -> tuple[Token, float | None] | None:
+        """After ``rejected`` got UNAUTHENTICATED on a replayable call: the
+        fresh token and the timeout left for the one retry, or ``None`` when
+        not retrying (retries off, deadline spent, no token, or the source
+        gave the same token again, as a static source does)."""
+        if not self._retry:
+            return None
+        remaining = remaining_timeout(timeout, elapsed)
+        if remaining is not None and remaining <= 0:
+            return None
+        try:
+            fresh = self._get_token()
+        except TokenUnavailableError:
+            return None  # the server's answer is more useful than ours
+        if fresh.value == rejected.value:
+            return None
+        self._count_retry()
+        return fresh, remaining
 
     def _after_future(self, token: Token, future: Any) -> None:
         try:
@@ -353,7 +388,10 @@ class AuthInterceptor(
         except TokenUnavailableError as exc:
             _log.debug("no token for %s: %s", details.method, exc)
             return TokenUnavailableRpcError(exc)
-        outcome = continuation(_rebuild(details, token.value, details.timeout), request())
+        outcome = continuation(
+            _rebuild(details, self._bearer_metadata(token, details.metadata), details.timeout),
+            request(),
+        )
         if not _finished(outcome):
             add_done_callback = getattr(outcome, "add_done_callback", None)
             if add_done_callback is not None:
@@ -362,19 +400,15 @@ class AuthInterceptor(
         if _code_of(outcome) is not _UNAUTHENTICATED:
             return outcome
         self._token_rejected(token)
-        if not (self._retry and replayable):
+        if not replayable:
             return outcome
-        timeout = remaining_timeout(details.timeout, time.monotonic() - started)
-        if timeout is not None and timeout <= 0:
+        retry = self._retry_after(token, details.timeout, time.monotonic() - started)
+        if retry is None:
             return outcome
-        try:
-            fresh = self._get_token()
-        except TokenUnavailableError:
-            return outcome  # the server's answer is more useful than ours
-        if fresh.value == token.value:
-            return outcome  # e.g. a static source: the same token fails again
-        self._count_retry()
-        second = continuation(_rebuild(details, fresh.value, timeout), request())
+        fresh, timeout = retry
+        second = continuation(
+            _rebuild(details, self._bearer_metadata(fresh, details.metadata), timeout), request()
+        )
         if _finished(second) and _code_of(second) is _UNAUTHENTICATED:
             self._token_rejected(fresh)
         return second
@@ -390,7 +424,10 @@ class AuthInterceptor(
         except TokenUnavailableError as exc:
             _log.debug("no token for %s: %s", details.method, exc)
             return TokenUnavailableRpcError(exc)
-        call = continuation(_rebuild(details, token.value, details.timeout), request)
+        call = continuation(
+            _rebuild(details, self._bearer_metadata(token, details.metadata), details.timeout),
+            request,
+        )
         return _AuthStreamCall(call, self, token)
 
     def intercept_unary_unary(

@@ -45,8 +45,8 @@ from typing import Any, TypeAlias
 import grpc
 
 from .errors import TokenRejectedError
-from .policy import MethodRule, MetricsHook
-from .principal import Principal, principal_scope
+from .policy import MetricsHook
+from .principal import Principal, _current, principal_scope
 from .serverconfig import Denial, ServerAuthConfig, _AuthEngine
 
 __all__ = ["AuthInterceptor"]
@@ -81,33 +81,34 @@ class AuthInterceptor(grpc.ServerInterceptor):
     ) -> Handler | None:
         engine = self._engine
         method = handler_call_details.method
-        if engine.bypass(method):
+        bypassed, rule = engine.plan(method)
+        if bypassed:
             engine.metrics.bypassed()
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         try:
-            principal = engine.authenticate(handler_call_details.invocation_metadata)
+            token, key, principal = engine.lookup(handler_call_details.invocation_metadata)
+            if principal is None:
+                principal = engine.verify(token, key)
         except TokenRejectedError as exc:
             return _rejecting_handler(handler, engine.deny(method, exc))
         if handler is None:
             return None
-        rule = engine.rule_for(method)
         if rule.deny:
             denied = TokenRejectedError("method_denied", grpc.StatusCode.PERMISSION_DENIED)
             return _rejecting_handler(handler, engine.deny(method, denied, principal))
+        # A caller's repeated calls to one method reuse one wrapped handler.
+        if key is not None:
+            wrapped: Handler | None = engine.memo_get(key, method, principal, handler)
+            if wrapped is not None:
+                return wrapped
         gate: SyncGate | None = None
         if rule.session_field is not None:
-            gate = _sync_gate(engine, method, principal, rule)
-        return _wrap_sync_handler(handler, principal, gate, engine.metrics)
-
-
-def _sync_gate(
-    engine: _AuthEngine, method: str, principal: Principal, rule: MethodRule
-) -> SyncGate:
-    def gate(request: Any) -> Denial | None:
-        return engine.check(method, principal, rule, request)
-
-    return gate
+            gate = engine.gate(method, principal, rule)
+        wrapped = _wrap_sync_handler(handler, principal, gate, engine.metrics)
+        if key is not None:
+            engine.memo_put(key, method, principal, handler, wrapped)
+        return wrapped
 
 
 # --- handlers (also used by the aio interceptor for sync servicer methods) ---
@@ -208,8 +209,11 @@ def _wrap_sync_handler(
                 if gate is not None and (denial := gate(request)) is not None:
                     context.abort(*denial)
                 metrics.allowed()
-                with principal_scope(principal):
+                scope = _current.set(principal)
+                try:
                     return unary_unary(request, context)
+                finally:
+                    _current.reset(scope)
 
             return grpc.unary_unary_rpc_method_handler(uu, deserializer, serializer)
         unary_stream = handler.unary_stream

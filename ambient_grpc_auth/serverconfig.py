@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -35,6 +37,7 @@ from .authn import (
 )
 from .errors import ConfigurationError, TokenRejectedError
 from .policy import (
+    MAX_SESSION_ID_CHARS,
     Access,
     AuthMetrics,
     CallerClassifier,
@@ -47,7 +50,7 @@ from .policy import (
     rule_session_id,
     session_access,
 )
-from .principal import Principal
+from .principal import CallerKind, Principal
 from .tokencache import VerifiedTokenCache, token_expiry
 
 __all__ = ["API_TOKEN_ENV", "SERVICE_ACCOUNT_ENV", "OwnerLookup", "ServerAuthConfig"]
@@ -63,6 +66,13 @@ SERVICE_ACCOUNT_ENV = "GRPC_SERVICE_ACCOUNT"
 OwnerLookup = Callable[[str], str | None]
 
 Denial = tuple[grpc.StatusCode, str]
+
+#: Method names whose bypass decision and rule are remembered.
+MAX_PLANNED_METHODS = 1024
+#: (verified token, method) pairs whose wrapped handler is remembered. Each
+#: entry holds the principal (already held by the token cache) and one small
+#: handler object.
+MAX_MEMO_ENTRIES = 4096
 Metadata = Iterable[tuple[str, str | bytes]] | None
 
 
@@ -165,10 +175,62 @@ class _AuthEngine:
         self._lookup_inline = config.owner_lookup_inline
         self._cache = config.token_cache
         self._max_token_bytes = config.max_token_bytes
+        # Per-method decisions that do not depend on the caller.
+        self._plans: dict[str, tuple[bool, MethodRule]] = {}
+        # Wrapped handlers of recent (token, method) pairs; see handler_memo.
+        self._memo: dict[tuple[bytes, str], tuple[Principal, object, object]] = {}
+        self._memo_lock = threading.Lock()
+
+    @property
+    def lookup_inline(self) -> bool:
+        """Whether the aio interceptor may call the owner lookup on the loop."""
+        return self._lookup_inline
+
+    # --- per-method plan ---
+
+    def plan(self, method: str) -> tuple[bool, MethodRule]:
+        """``(bypassed, rule)`` for ``method``, remembered for up to
+        :data:`MAX_PLANNED_METHODS` method names (beyond that, e.g. under a
+        flood of made-up names, computed on every call)."""
+        plan = self._plans.get(method)
+        if plan is None:
+            plan = (bool(self.bypass(method)), self._ownership.rule_for(method))
+            if len(self._plans) < MAX_PLANNED_METHODS:
+                self._plans[method] = plan
+        return plan
+
+    # --- wrapped-handler memo ---
+
+    def memo_get(self, key: bytes, method: str, principal: Principal, handler: object) -> Any:
+        """The handler built earlier for this verified token and method, if
+        it was built for this very principal and service handler.
+
+        Only consulted after the verified-token cache returned ``principal``
+        (so the token is still valid), and compared by identity: a token that
+        left the cache and was verified again, or a service whose handler
+        changed, gets a fresh wrapper.
+        """
+        entry = self._memo.get((key, method))
+        if entry is not None and entry[0] is principal and entry[1] is handler:
+            return entry[2]
+        return None
+
+    def memo_put(
+        self, key: bytes, method: str, principal: Principal, handler: object, wrapped: object
+    ) -> None:
+        """Remember ``wrapped``; the oldest entry goes beyond :data:`MAX_MEMO_ENTRIES`."""
+        with self._memo_lock:
+            memo = self._memo
+            memo[(key, method)] = (principal, handler, wrapped)
+            while len(memo) > MAX_MEMO_ENTRIES:
+                del memo[next(iter(memo))]
 
     # --- authentication ---
 
-    def _token(self, metadata: Metadata) -> tuple[str, bytes | None, Principal | None]:
+    def lookup(self, metadata: Metadata) -> tuple[str, bytes | None, Principal | None]:
+        """``(token, cache key, cached principal)``; on a cache hit the token
+        is not parsed (``""``). :class:`TokenRejectedError` for a missing,
+        duplicate, binary, oversized or malformed header."""
         # The cache is keyed by the whole header value, so a hit skips the
         # parse as well as the signature check. Safe: only values that parsed
         # and verified are ever stored.
@@ -190,9 +252,14 @@ class _AuthEngine:
 
     def authenticate(self, metadata: Metadata) -> Principal:
         """The caller, or :class:`TokenRejectedError`. May block on a key fetch."""
-        token, key, principal = self._token(metadata)
+        token, key, principal = self.lookup(metadata)
         if principal is not None:
             return principal
+        return self.verify(token, key)
+
+    def verify(self, token: str, key: bytes | None) -> Principal:
+        """Verify ``token`` (a cache miss of :meth:`lookup`), classify the
+        caller and cache it under ``key``. May block on a key fetch."""
         try:
             verified = self._authenticator.authenticate(token)
         except TokenRejectedError:
@@ -203,9 +270,13 @@ class _AuthEngine:
 
     async def authenticate_async(self, metadata: Metadata) -> Principal:
         """:meth:`authenticate` without blocking the event loop."""
-        token, key, principal = self._token(metadata)
+        token, key, principal = self.lookup(metadata)
         if principal is not None:
             return principal
+        return await self.verify_async(token, key)
+
+    async def verify_async(self, token: str, key: bytes | None) -> Principal:
+        """:meth:`verify` without blocking the event loop."""
         try:
             verified = await self._authenticator.authenticate_async(token)
         except TokenRejectedError:
@@ -224,34 +295,80 @@ class _AuthEngine:
     ) -> Denial | None:
         """``None`` when ``request`` may proceed under ``rule``, else the
         (code, details) to abort with. Calls the owner lookup inline."""
-        access = session_access(principal, rule_session_id(rule, request))
+        session_id = rule_session_id(rule, request)
+        access = session_access(principal, session_id)
         if access is Access.ALLOW:
             return None
         if isinstance(access, str):
             return self.deny(
                 method, TokenRejectedError(access, grpc.StatusCode.PERMISSION_DENIED), principal
             )
-        session_id = rule_session_id(rule, request)
         assert isinstance(session_id, str)
         try:
             owner = self._lookup(session_id) if self._lookup is not None else None
         except Exception as exc:
             return self._lookup_failed(method, exc)
+        if owner is not None and owner == principal.username:
+            return None
         return self._owner_decision(method, principal, owner)
+
+    def gate(
+        self, method: str, principal: Principal, rule: MethodRule
+    ) -> Callable[[object], Denial | None]:
+        """:meth:`check` bound to one caller and method, with the common
+        outcome (a user's own session, a service in scope) decided in a few
+        operations; everything else goes through :meth:`check`."""
+        field_name = rule.session_field
+        check = self.check
+        if field_name is None:
+            return lambda request: None
+        if principal.kind is CallerKind.SERVICE:
+            scope = principal.session_scope
+
+            def service_gate(request: object) -> Denial | None:
+                session_id = getattr(request, field_name, None)
+                if (
+                    type(session_id) is str
+                    and 0 < len(session_id) <= MAX_SESSION_ID_CHARS
+                    and (scope is None or scope == session_id)
+                ):
+                    return None
+                return check(method, principal, rule, request)
+
+            return service_gate
+        lookup = self._lookup
+        username = principal.username
+
+        def user_gate(request: object) -> Denial | None:
+            session_id = getattr(request, field_name, None)
+            if (
+                lookup is not None
+                and type(session_id) is str
+                and 0 < len(session_id) <= MAX_SESSION_ID_CHARS
+            ):
+                try:
+                    owner = lookup(session_id)
+                except Exception:
+                    owner = None  # check() looks again, and reports a failure
+                if owner is not None and owner == username:
+                    return None
+            return check(method, principal, rule, request)
+
+        return user_gate
 
     async def check_async(
         self, method: str, principal: Principal, rule: MethodRule, request: object
     ) -> Denial | None:
         """:meth:`check` with the owner lookup in a worker thread (or inline
         when configured so)."""
-        access = session_access(principal, rule_session_id(rule, request))
+        session_id = rule_session_id(rule, request)
+        access = session_access(principal, session_id)
         if access is Access.ALLOW:
             return None
         if isinstance(access, str):
             return self.deny(
                 method, TokenRejectedError(access, grpc.StatusCode.PERMISSION_DENIED), principal
             )
-        session_id = rule_session_id(rule, request)
         assert isinstance(session_id, str)
         lookup = self._lookup
         try:

@@ -68,7 +68,9 @@ def test_call_details_fields_match_grpc() -> None:
 def test_rebuild_keeps_every_field() -> None:
     creds = grpc.access_token_call_credentials("unused")
     original = _CallDetails("/svc/M", 7.5, (("x-a", "1"),), creds, True, grpc.Compression.Gzip)
-    rebuilt = _rebuild(original, "tok", original.timeout)
+    rebuilt = _rebuild(
+        original, core.with_authorization(original.metadata, "tok"), original.timeout
+    )
     assert rebuilt.method == "/svc/M"
     assert rebuilt.timeout == 7.5
     assert rebuilt.metadata == (("x-a", "1"), ("authorization", "Bearer tok"))
@@ -78,7 +80,8 @@ def test_rebuild_keeps_every_field() -> None:
 
 
 def test_rebuilt_details_never_show_the_bearer() -> None:
-    details = _rebuild(_CallDetails("/m", None, (("x", "1"),), None, None, None), "sekret", None)
+    original = _CallDetails("/m", None, (("x", "1"),), None, None, None)
+    details = _rebuild(original, core.with_authorization(original.metadata, "sekret"), None)
     assert "sekret" not in repr(details)
     assert "sekret" not in str(details)
     assert "authorization" in repr(details)

@@ -29,7 +29,7 @@ import grpc.aio
 
 from ..errors import TokenRejectedError
 from ..policy import MethodRule, MetricsHook
-from ..principal import Principal, principal_scope
+from ..principal import Principal, _current, principal_scope
 from ..server import _rejecting_handler as _sync_rejecting_handler
 from ..server import _wrap_sync_handler
 from ..serverconfig import Denial, ServerAuthConfig, _AuthEngine
@@ -66,21 +66,31 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         engine = self._engine
         method = handler_call_details.method
-        if engine.bypass(method):
+        bypassed, rule = engine.plan(method)
+        if bypassed:
             engine.metrics.bypassed()
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         try:
-            principal = await engine.authenticate_async(handler_call_details.invocation_metadata)
+            token, key, principal = engine.lookup(handler_call_details.invocation_metadata)
+            if principal is None:
+                principal = await engine.verify_async(token, key)
         except TokenRejectedError as exc:
             return _rejecting_handler(handler, engine.deny(method, exc))
         if handler is None:
             return None
-        rule = engine.rule_for(method)
         if rule.deny:
             denied = TokenRejectedError("method_denied", grpc.StatusCode.PERMISSION_DENIED)
             return _rejecting_handler(handler, engine.deny(method, denied, principal))
-        return _wrap(handler, engine, method, principal, rule)
+        # A caller's repeated calls to one method reuse one wrapped handler.
+        if key is not None:
+            wrapped: Handler | None = engine.memo_get(key, method, principal, handler)
+            if wrapped is not None:
+                return wrapped
+        wrapped = _wrap(handler, engine, method, principal, rule)
+        if key is not None:
+            engine.memo_put(key, method, principal, handler, wrapped)
+        return wrapped
 
 
 def _rejecting_handler(handler: Handler | None, denial: Denial) -> Handler:
@@ -119,17 +129,24 @@ def _wrap(
     if not _is_async(inner):
         sync_gate = None
         if rule.session_field is not None:
-
-            def sync_gate(request: Any) -> Denial | None:
-                return engine.check(method, principal, rule, request)
-
+            sync_gate = engine.gate(method, principal, rule)
         return _wrap_sync_handler(handler, principal, sync_gate, metrics)
 
+    # Inline lookups are decided without a coroutine; others await a thread.
+    inline: Callable[[Any], Denial | None] | None = None
     gate: AsyncGate | None = None
     if rule.session_field is not None:
+        if engine.lookup_inline:
+            inline = engine.gate(method, principal, rule)
+            decide = inline
 
-        def gate(request: Any) -> Awaitable[Denial | None]:
-            return engine.check_async(method, principal, rule, request)
+            async def gate(request: Any) -> Denial | None:
+                return decide(request)
+
+        else:
+
+            def gate(request: Any) -> Awaitable[Denial | None]:
+                return engine.check_async(method, principal, rule, request)
 
     deserializer = handler.request_deserializer
     serializer = handler.response_serializer
@@ -149,9 +166,17 @@ def _wrap(
         if not handler.response_streaming:
 
             async def uu(request: Any, context: Any) -> Any:
-                await admit(request, context)
-                with principal_scope(principal):
+                if inline is not None:
+                    if (denial := inline(request)) is not None:
+                        await context.abort(*denial)
+                    metrics.allowed()
+                else:
+                    await admit(request, context)
+                scope = _current.set(principal)
+                try:
                     return await inner(request, context)
+                finally:
+                    _current.reset(scope)
 
             return grpc.unary_unary_rpc_method_handler(uu, deserializer, serializer)
         if inspect.isasyncgenfunction(inner):
