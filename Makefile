@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := proto/ambient/v1/sessions.proto proto/ambient/testing/v1/echo.proto
 GEN_FILES := $(foreach p,$(PROTO_SRC),$(patsubst proto/%.proto,ambient_grpc_auth/_proto/%,$(p)))
 
-.PHONY: install proto proto-check lint test demo bench bench-quick soak soak-quick load buf-lint clean
+.PHONY: install proto proto-check lint test demo bench bench-quick bench-hotpath soak soak-quick load buf-lint clean
 
 install: $(STAMP)
 
@@ -54,6 +54,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/ambient-grpc-auth bench --quick
+
+bench-hotpath: $(STAMP)
+	$(VENV)/bin/python bench/hotpath.py
 
 soak: $(STAMP)
 	$(VENV)/bin/ambient-grpc-auth soak

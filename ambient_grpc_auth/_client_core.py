@@ -421,6 +421,10 @@ class InterceptorState:
         self._last_token: Token | None = None
         self._token_at_disconnect: Token | None = None
         self._retries = 0
+        # (token, metadata) of the last call without caller metadata.
+        self._plain_metadata: tuple[Token, tuple[_MetadataPair, ...]] | None = None
+        peek = getattr(token_source, "peek", None)
+        self._peek: Callable[[], Token | None] | None = peek if callable(peek) else None
 
     def __repr__(self) -> str:
         return f"AuthInterceptor(source={type(self._source).__name__})"
@@ -468,6 +472,32 @@ class InterceptorState:
         _log.info("gRPC channel reconnected; the next call uses a freshly fetched token")
         if stale is not None:
             self._token_rejected(stale)
+
+    def _bearer_metadata(self, token: Token, metadata: Any) -> tuple[_MetadataPair, ...]:
+        """The metadata of a call: ``metadata`` with ``token`` as its only
+        bearer. Without caller metadata the tuple is built once per token."""
+        if metadata:
+            return with_authorization(metadata, token.value)
+        cached = self._plain_metadata
+        if cached is not None and cached[0] is token:
+            return cached[1]
+        built: tuple[_MetadataPair, ...] = (authorization_metadata(token.value),)
+        self._plain_metadata = (token, built)
+        return built
+
+    def _peek_token(self) -> Token | None:
+        """The source's token when it is usable at once (a caching source's
+        hit), without waiting; ``None`` when a fetch would be needed or the
+        source cannot tell."""
+        if self._peek is None:
+            return None
+        try:
+            token = self._peek()
+        except Exception:  # the regular path will report the source's trouble
+            return None
+        if token is not None:
+            self._last_token = token
+        return token
 
     def _count_retry(self) -> None:
         with self._lock:

@@ -166,6 +166,11 @@ class CachingTokenSource:
 
     # --- the shared core ----------------------------------------------------
 
+    def peek(self) -> Token | None:
+        """The cached token when it can be used right now without fetching
+        or waiting (not due for refresh), else ``None``. Never blocks."""
+        return self._fast()
+
     def _fast(self) -> Token | None:
         state = self._state  # one atomic read; the state is immutable
         clock = self._clock

@@ -48,7 +48,6 @@ from ._client_core import (
     is_replayable,
     remaining_timeout,
     token_error_code,
-    with_authorization,
 )
 from .errors import TokenUnavailableError
 from .tokens import Token, TokenSource
@@ -314,8 +313,6 @@ class AuthInterceptor(
         super().__init__(
             token_source, retry_unauthenticated=retry_unauthenticated, lock=threading.Lock()
         )
-        # (token, metadata) of the last call without caller metadata.
-        self._plain_metadata: tuple[Token, tuple[tuple[str, Any], ...]] | None = None
 
     # --- token plumbing ------------------------------------------------------
 
@@ -328,18 +325,6 @@ class AuthInterceptor(
             raise as_token_error(exc) from exc
         self._last_token = token
         return token
-
-    def _bearer_metadata(self, token: Token, metadata: Any) -> tuple[tuple[str, Any], ...]:
-        """The metadata of a call: ``metadata`` with ``token`` as its only
-        bearer. Without caller metadata the tuple is built once per token."""
-        if metadata:
-            return with_authorization(metadata, token.value)
-        cached = self._plain_metadata
-        if cached is not None and cached[0] is token:
-            return cached[1]
-        built = (authorization_metadata(token.value),)
-        self._plain_metadata = (token, built)
-        return built
 
     def _retry_after(
         self, rejected: Token, timeout: float | None, elapsed: float

@@ -119,6 +119,24 @@ def test_caches_until_refresh_ahead() -> None:
     assert (src.calls, cache.fetches, cache.failures) == (2, 2, 0)
 
 
+def test_peek_never_fetches_and_only_offers_a_token_usable_now() -> None:
+    clock = FakeClock()
+    src = FakeSource(tok(clock, "one"), tok(clock, "two", ttl=2 * TTL))
+    cache = make(src, clock)
+    assert cache.peek() is None  # nothing cached yet, and no fetch made
+    assert src.calls == 0
+    first = cache.get_token()
+    assert cache.peek() is first
+    clock.advance(TTL - 60)  # due for refresh: the caller must go the regular way
+    assert cache.peek() is None
+    assert src.calls == 1
+    assert cache.get_token().value == "two"
+    assert cache.peek() is not None
+    cache.invalidate(cache.peek())  # type: ignore[arg-type]
+    assert cache.peek() is None
+    assert src.calls == 2
+
+
 def test_unknown_expiry_kept_until_max_age_or_invalidate() -> None:
     clock = FakeClock()
     src = FakeSource(

@@ -56,6 +56,7 @@ from .._client_core import (
 from ..channel import ChannelConfig, check_target
 from ..errors import ConfigurationError, TokenUnavailableError
 from ..tokens import Token, TokenSource
+from ._unarycall import DirectAioUnaryUnary
 
 __all__ = [
     "AuthInterceptor",
@@ -423,9 +424,13 @@ class AuthenticatedChannel(grpc.aio.Channel):
         interceptor: AuthInterceptor,
         *,
         watch_reconnects: bool = True,
+        direct_unary: bool = False,
     ) -> None:
         self._channel = channel
         self._interceptor = interceptor
+        # Set by create_channel when ``channel`` has no unary-unary
+        # interceptor: those calls then take the direct path.
+        self._direct_unary = direct_unary
         self._watcher: asyncio.Task[None] | None = None
         if watch_reconnects:
             self._watcher = asyncio.get_running_loop().create_task(
@@ -494,7 +499,10 @@ class AuthenticatedChannel(grpc.aio.Channel):
     def unary_unary(
         self, method: str, *args: Any, **kwargs: Any
     ) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
-        return self._channel.unary_unary(method, *args, **kwargs)
+        raw = self._channel.unary_unary(method, *args, **kwargs)
+        if not self._direct_unary:
+            return raw
+        return DirectAioUnaryUnary(raw, self._interceptor)
 
     def unary_stream(
         self, method: str, *args: Any, **kwargs: Any
@@ -539,7 +547,13 @@ def create_channel(
     if watch_reconnects:
         asyncio.get_running_loop()  # fail before creating anything
     interceptor = AuthInterceptor(token_source, retry_unauthenticated=retry_unauthenticated)
-    chain = [*interceptors, *interceptor.interceptors()]
+    # Without interceptors of the caller's own, unary-unary calls skip
+    # grpc.aio's interceptor machinery (see ambient_grpc_auth.aio._unarycall).
+    direct = not interceptors
+    ours = interceptor.interceptors()
+    chain = (
+        [i for i in ours if not isinstance(i, _UnaryUnary)] if direct else [*interceptors, *ours]
+    )
     raw = (
         grpc.aio.secure_channel(
             parsed.target,
@@ -553,7 +567,9 @@ def create_channel(
             parsed.target, plaintext_channel_options(options), compression, interceptors=chain
         )
     )
-    return AuthenticatedChannel(raw, interceptor, watch_reconnects=watch_reconnects)
+    return AuthenticatedChannel(
+        raw, interceptor, watch_reconnects=watch_reconnects, direct_unary=direct
+    )
 
 
 def create_channel_from_env(
