@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +185,21 @@ def test_latency_stats_in_microseconds() -> None:
     assert stats["p50_us"] == pytest.approx(50.5)
     assert stats["p90_us"] == pytest.approx(91.0)
     assert stats["p99_us"] == pytest.approx(100.0)
+
+
+def test_hotpath_script_reports_every_path() -> None:
+    script = Path(__file__).resolve().parent.parent / "bench" / "hotpath.py"
+    done = subprocess.run(  # noqa: S603 (this interpreter, a file of this repository)
+        [sys.executable, str(script), "--iterations", "50"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = dict(
+        line.rsplit("  ", 1) for line in done.stdout.strip().splitlines() if "us/call" in line
+    )
+    assert len(rows) == 7
+    for name, value in rows.items():
+        assert float(value.split()[0]) > 0, name
