@@ -131,7 +131,7 @@ async def test_unauthenticated_is_retried_once(server: EchoServer, route: str, a
         assert channel.interceptor.unauthenticated_retries == 1
         retried = server.servicer.calls[-1]
         assert retried.time_remaining is not None
-        assert retried.time_remaining <= 10.0
+        assert retried.time_remaining <= 10.1  # grpc-timeout rounds up
     finally:
         await channel.close()
 

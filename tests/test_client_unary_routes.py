@@ -109,7 +109,7 @@ def test_unauthenticated_is_retried_once(server: EchoServer, route: str, with_ca
         # The retry kept the caller's deadline (what is left of it).
         retried = server.servicer.calls[-1]
         assert retried.time_remaining is not None
-        assert retried.time_remaining <= 10.0
+        assert retried.time_remaining <= 10.1  # grpc-timeout rounds up
     finally:
         channel.close()
 

@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from .._client_core import remaining_timeout
-
 if TYPE_CHECKING:
     from ..tokens import Token
     from .client import AuthInterceptor
@@ -138,18 +136,10 @@ class _DirectCall(grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
             return call
         auth = self._auth
         auth._token_rejected(token)
-        if not auth._retry:
+        retry = await auth._retry_after(token, self._timeout, self._loop.time() - self._started)
+        if retry is None:
             return call
-        timeout = remaining_timeout(self._timeout, self._loop.time() - self._started)
-        if timeout is not None and timeout <= 0:
-            return call
-        try:
-            fresh = await auth._get_token()
-        except grpc.aio.AioRpcError:
-            return call  # the server's answer is more useful than ours
-        if fresh.value == token.value:
-            return call
-        auth._count_retry()
+        fresh, timeout = retry
         second = self._send(fresh, timeout)
         self._call, self._token = second, fresh
         if await self._code(second) is _UNAUTHENTICATED:

@@ -256,6 +256,27 @@ class AuthInterceptor(InterceptorState):
         self._last_token = token
         return token
 
+    async def _retry_after(
+        self, rejected: Token, call_timeout: float | None, elapsed: float
+    ) -> tuple[Token, float | None] | None:
+        """After ``rejected`` got UNAUTHENTICATED: the fresh token and the
+        timeout left (of ``call_timeout``) for the one retry, or ``None`` when
+        not retrying (retries off, deadline spent, no token, or the same
+        token again)."""
+        if not self._retry:
+            return None
+        remaining = remaining_timeout(call_timeout, elapsed)
+        if remaining is not None and remaining <= 0:
+            return None
+        try:
+            fresh = await self._get_token()
+        except TokenUnavailableAioRpcError:
+            return None  # the server's answer is more useful than ours
+        if fresh.value == rejected.value:
+            return None
+        self._count_retry()
+        return fresh, remaining
+
     @staticmethod
     async def _code(call: Any) -> grpc.StatusCode:
         # Awaiting the call, not call.code(): when the server answers before
@@ -285,18 +306,10 @@ class AuthInterceptor(InterceptorState):
         if await self._code(call) is not _UNAUTHENTICATED:
             return call
         self._token_rejected(token)
-        if not self._retry:
+        retry = await self._retry_after(token, details.timeout, loop.time() - started)
+        if retry is None:
             return call
-        timeout = remaining_timeout(details.timeout, loop.time() - started)
-        if timeout is not None and timeout <= 0:
-            return call
-        try:
-            fresh = await self._get_token()
-        except TokenUnavailableAioRpcError:
-            return call  # the server's answer is more useful than ours
-        if fresh.value == token.value:
-            return call
-        self._count_retry()
+        fresh, timeout = retry
         second = await continuation(_rebuild(details, fresh.value, timeout), request)
         if await self._code(second) is _UNAUTHENTICATED:
             self._token_rejected(fresh)
