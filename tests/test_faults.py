@@ -94,11 +94,21 @@ def keys_dir(master_keys: Path, tmp_path: Path) -> Path:
     return dest
 
 
+_ISSUED_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port that was just free on 127.0.0.1 and that this process has not
+    handed out before: worlds reserve several ports before binding any, and
+    the kernel may offer a just-released port again."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _ISSUED_PORTS:
+            _ISSUED_PORTS.add(port)
+            return port
+    raise RuntimeError("no fresh loopback port")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
