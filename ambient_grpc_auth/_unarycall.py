@@ -21,23 +21,12 @@ from typing import Any
 
 import grpc
 
-from .client import AuthInterceptor, TokenUnavailableRpcError
+from .client import AuthInterceptor, TokenUnavailableRpcError, _code_of
 from .errors import TokenUnavailableError
 
 __all__ = ["DirectUnaryUnary"]
 
 _UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
-
-
-def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
-    code = getattr(error, "code", None)
-    if code is None:
-        return None
-    try:
-        value = code()
-    except Exception:  # an error without a readable status is not ours to judge
-        return None
-    return value if isinstance(value, grpc.StatusCode) else None
 
 
 class DirectUnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
@@ -130,7 +119,7 @@ class DirectUnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
                 compression=compression,
             )
         except grpc.RpcError as rejected:
-            if _code(rejected) is not _UNAUTHENTICATED:
+            if _code_of(rejected) is not _UNAUTHENTICATED:
                 raise
             auth._token_rejected(token)
             retry = auth._retry_after(token, timeout, time.monotonic() - started)
@@ -147,6 +136,6 @@ class DirectUnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
                 compression=compression,
             )
         except grpc.RpcError as again:
-            if _code(again) is _UNAUTHENTICATED:
+            if _code_of(again) is _UNAUTHENTICATED:
                 auth._token_rejected(fresh)
             raise

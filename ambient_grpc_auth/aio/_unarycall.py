@@ -116,23 +116,12 @@ class _DirectCall(grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
             await self._starting
         return self._call
 
-    @staticmethod
-    async def _code(call: Any) -> grpc.StatusCode:
-        try:
-            await call
-        except grpc.aio.AioRpcError as err:
-            return err.code()
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        return grpc.StatusCode.OK
-
     async def _settle(self) -> Any:
         """The attempt whose outcome is the call's (the retry, if any)."""
         call = await self._current()
         token = self._token
         assert token is not None
-        if await self._code(call) is not _UNAUTHENTICATED:
+        if await self._auth._code(call) is not _UNAUTHENTICATED:
             return call
         auth = self._auth
         auth._token_rejected(token)
@@ -142,7 +131,7 @@ class _DirectCall(grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
         fresh, timeout = retry
         second = self._send(fresh, timeout)
         self._call, self._token = second, fresh
-        if await self._code(second) is _UNAUTHENTICATED:
+        if await self._auth._code(second) is _UNAUTHENTICATED:
             auth._token_rejected(fresh)
         return second
 
