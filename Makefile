@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROTO_SRC := proto/ambient/v1/sessions.proto proto/ambient/testing/v1/echo.proto
-GEN_FILES := $(foreach p,$(PROTO_SRC),$(patsubst proto/%.proto,ambient_grpc_auth/_proto/%,$(p)))
+GEN_FILES := $(foreach p,$(PROTO_SRC),$(patsubst proto/%.proto,ambient_grpc_auth/proto/%,$(p)))
 
 .PHONY: install proto proto-check lint test demo bench bench-quick bench-hotpath soak soak-quick load buf-lint clean
 
@@ -18,16 +18,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Regenerate the committed stubs. The virtual proto path makes the generated
-# modules import each other as ambient_grpc_auth._proto.ambient.v1.*, so they
+# modules import each other as ambient_grpc_auth.proto.ambient.v1.*, so they
 # need no hand edits.
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iambient_grpc_auth/_proto=proto \
+	$(PY) -m grpc_tools.protoc -Iambient_grpc_auth/proto=proto \
 		--python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
 
 # Fails when the committed stubs differ from what proto/ generates.
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d) && \
-	$(PY) -m grpc_tools.protoc -Iambient_grpc_auth/_proto=proto \
+	$(PY) -m grpc_tools.protoc -Iambient_grpc_auth/proto=proto \
 		--python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO_SRC) && \
 	for g in $(GEN_FILES); do for f in $${g}_pb2.py $${g}_pb2.pyi $${g}_pb2_grpc.py; do \
 		cmp -s $$tmp/$$f $$f || { \
@@ -50,23 +50,23 @@ demo: $(STAMP)
 	$(VENV)/bin/ambient-grpc-auth demo
 
 bench: $(STAMP)
-	$(VENV)/bin/ambient-grpc-auth bench
+	$(PY) -m bench
 
 bench-quick: $(STAMP)
-	$(VENV)/bin/ambient-grpc-auth bench --quick
+	$(PY) -m bench --quick
 
 bench-hotpath: $(STAMP)
-	$(VENV)/bin/python bench/hotpath.py
+	$(PY) -m bench.hotpath
 
 soak: $(STAMP)
-	$(VENV)/bin/ambient-grpc-auth soak
+	$(PY) -m bench.soak
 
 # The short soak CI runs (about 15 seconds of traffic).
 soak-quick: $(STAMP)
-	$(VENV)/bin/ambient-grpc-auth soak --duration 15 --runners 10 --restart-every 5
+	$(PY) -m bench.soak --duration 15 --runners 10 --restart-every 5
 
 load: $(STAMP)
-	$(VENV)/bin/ambient-grpc-auth load
+	$(PY) -m bench.load
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .errors import TokenRejectedError
+from ambient_grpc_auth.errors import TokenRejectedError
 
 __all__ = [
     "AUTHORIZATION_KEY",

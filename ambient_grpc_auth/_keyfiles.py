@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import KeyFileError
+from ambient_grpc_auth.errors import KeyFileError
 
 __all__ = [
     "MAX_KEY_FILE_BYTES",
@@ -26,7 +26,7 @@ __all__ = [
     "replace_atomically",
 ]
 
-_log = logging.getLogger("ambient_grpc_auth.keys")
+_log = logging.getLogger("ambient_grpc_auth.controlplane.keys")
 
 #: Upper bound on a key file we are willing to read (an RSA-16384 PEM is ~12 KiB).
 MAX_KEY_FILE_BYTES = 64 * 1024

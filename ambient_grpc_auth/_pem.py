@@ -16,8 +16,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ._keyfiles import read_key_file
-from .errors import KeyFileError
+from ambient_grpc_auth._keyfiles import read_key_file
+from ambient_grpc_auth.errors import KeyFileError
 
 __all__ = [
     "MIN_KEY_BITS",

@@ -14,17 +14,28 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from datetime import UTC, datetime
+from typing import NoReturn
 
 import grpc
 
-from .errors import AmbientAuthError
-
-if TYPE_CHECKING:
-    from .caching import CachingTokenSource
-    from .channel import AuthenticatedChannel
-    from .jwks import KeySource
-    from .serverconfig import ServerAuthConfig
+from ambient_grpc_auth import demo
+from ambient_grpc_auth.claims import SESSION_ID_CLAIM
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel_from_env
+from ambient_grpc_auth.client.env import token_source_from_env
+from ambient_grpc_auth.client.sessions import push, resume_after_seq_from_env, watch
+from ambient_grpc_auth.controlplane.config import TokenServerConfig
+from ambient_grpc_auth.controlplane.keys import KeyPaths, ensure_keys, k8s_secret_manifest
+from ambient_grpc_auth.controlplane.oidc_issuer import OidcSettings
+from ambient_grpc_auth.controlplane.server import RunningTokenServer, run_token_server
+from ambient_grpc_auth.errors import AmbientAuthError
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+from ambient_grpc_auth.reference.serve import run_session_server
+from ambient_grpc_auth.reference.servicer import SessionStore
+from ambient_grpc_auth.server.authn import TrustedIssuer
+from ambient_grpc_auth.server.config import API_TOKEN_ENV, SERVICE_ACCOUNT_ENV, ServerAuthConfig
+from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet
 
 __all__ = ["main"]
 
@@ -90,7 +101,6 @@ def _setup_logging(level: str) -> None:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from .keys import KeyPaths, ensure_keys, k8s_secret_manifest
 
     keys = ensure_keys(args.dir)
     if args.k8s_secret:
@@ -108,8 +118,6 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_token_server(args: argparse.Namespace) -> int:
-    from .oidc_issuer import OidcSettings
-    from .tokenserver import RunningTokenServer, TokenServerConfig, run_token_server
 
     oidc = None
     oidc_flags = (args.oidc_token_url, args.oidc_client_id, args.oidc_client_secret_file)
@@ -149,7 +157,6 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
 
 
 def _key_source(source: str) -> KeySource:
-    from .jwks import JwksCache, StaticKeySet
 
     if source.startswith(("http://", "https://")):
         return JwksCache(source)
@@ -166,8 +173,6 @@ def _key_source(source: str) -> KeySource:
 def _server_auth_config(
     args: argparse.Namespace, owner_lookup: Callable[[str], str | None]
 ) -> ServerAuthConfig:
-    from .authn import TrustedIssuer
-    from .serverconfig import API_TOKEN_ENV, SERVICE_ACCOUNT_ENV, ServerAuthConfig
 
     environ = dict(os.environ)
     if args.service_token_file:
@@ -216,8 +221,6 @@ def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | No
 
 
 def _cmd_session_server(args: argparse.Namespace) -> int:
-    from .reference import SessionStore
-    from .serverrun import run_session_server
 
     store = SessionStore(args.db)
     try:
@@ -241,15 +244,12 @@ def _cmd_session_server(args: argparse.Namespace) -> int:
 
 
 def _runner_channel() -> tuple[AuthenticatedChannel, CachingTokenSource]:
-    from .channel import ChannelConfig
-    from .tokens import token_source_from_env
 
     source = token_source_from_env()
-    return ChannelConfig.from_env().create_channel(source), source
+    return create_channel_from_env(source), source
 
 
 def _message_json(message: object) -> str:
-    from ._proto.ambient.v1 import sessions_pb2
 
     assert isinstance(message, sessions_pb2.SessionMessage)
     created = message.created_at.ToJsonString() if message.HasField("created_at") else None
@@ -266,7 +266,6 @@ def _message_json(message: object) -> str:
 
 
 def _cmd_create_session(args: argparse.Namespace) -> int:
-    from ._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 
     channel, _ = _runner_channel()
     with channel:
@@ -290,7 +289,6 @@ def _cmd_create_session(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .sessions import push
 
     channel, _ = _runner_channel()
     with channel:
@@ -300,7 +298,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    from .sessions import resume_after_seq_from_env, watch
 
     after = args.after_seq if args.after_seq is not None else resume_after_seq_from_env()
     channel, _ = _runner_channel()
@@ -324,7 +321,6 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 def _rfc3339(moment: float | None) -> str | None:
     if moment is None:
         return None
-    from datetime import UTC, datetime
 
     return datetime.fromtimestamp(moment, UTC).isoformat().replace("+00:00", "Z")
 
@@ -332,14 +328,11 @@ def _rfc3339(moment: float | None) -> str | None:
 def _cmd_fetch_token(args: argparse.Namespace) -> int:
     import jwt
 
-    from .tokens import token_source_from_env
-
     token = token_source_from_env().get_token()
     try:
         claims = jwt.decode(token.value, options={"verify_signature": False})
     except jwt.PyJWTError:
         claims = {}
-    from .claims import SESSION_ID_CLAIM
 
     info = {
         "issuer": claims.get("iss"),
@@ -360,16 +353,8 @@ def _cmd_fetch_token(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- delegated
 
 
-def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        entry = importlib.import_module(f"ambient_grpc_auth.{module}")
-        return int(entry.main(list(args.rest)))
-
-    run.delegated = True  # type: ignore[attr-defined]
-
-    return run
+def _cmd_demo(args: argparse.Namespace) -> int:
+    return demo.main(list(args.rest))
 
 
 # --------------------------------------------------------------------------- parser
@@ -459,22 +444,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_fetch_token)
 
-    # These parse their own arguments (``demo --help`` shows them).
-    for name, module, text in (
-        ("demo", "demo", "the end-to-end demo on loopback"),
-        ("bench", "bench", "benchmark against a bare baseline"),
-        ("soak", "soak", "soak run: many runners, restarts, short TTLs"),
-        ("load", "loadrun", "load run: many concurrent watch streams"),
-    ):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.set_defaults(func=_delegate(module))
+    # The demo parses its own arguments (``demo --help`` shows them).
+    p = sub.add_parser("demo", help="the end-to-end demo on loopback", add_help=False)
+    p.set_defaults(func=_cmd_demo, delegated=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if getattr(args.func, "delegated", False):
+    if getattr(args, "delegated", False):
         args.rest = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

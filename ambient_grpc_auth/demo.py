@@ -30,19 +30,20 @@ import grpc
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-from .authn import TrustedIssuer
-from .caching import CachingTokenSource
-from .channel import AuthenticatedChannel, create_channel
-from .cpsource import ControlPlaneTokenSource
-from .jwk import VerificationKey
-from .jwks import JwksCache, StaticKeySet
-from .keys import ensure_keys
-from .reference import SessionStore
-from .serverconfig import ServerAuthConfig
-from .serverrun import SyncSessionServer, start_sync_session_server
-from .sessions import WatchRetryPolicy, push, watch
-from .tokenserver import RunningTokenServer, TokenServerConfig, start_token_server
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel
+from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
+from ambient_grpc_auth.client.sessions import WatchRetryPolicy, push, watch
+from ambient_grpc_auth.controlplane.config import TokenServerConfig
+from ambient_grpc_auth.controlplane.keys import ensure_keys
+from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
+from ambient_grpc_auth.jwk import VerificationKey
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+from ambient_grpc_auth.reference.serve import SyncSessionServer, start_sync_session_server
+from ambient_grpc_auth.reference.servicer import SessionStore
+from ambient_grpc_auth.server.authn import TrustedIssuer
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.jwks import JwksCache, StaticKeySet
 
 __all__ = ["DemoReport", "main", "run_demo"]
 

@@ -34,8 +34,8 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from ._clock import SYSTEM_CLOCK, Clock
-from .errors import ConfigurationError, ProofError
+from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
+from ambient_grpc_auth.errors import ConfigurationError, ProofError
 
 __all__ = [
     "NONCE_BYTES",

@@ -30,7 +30,14 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ambient_grpc_auth._bench_fixtures import (
+from ambient_grpc_auth.client._unary import DirectUnaryUnary
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.interceptor import AuthInterceptor as ClientInterceptor
+from ambient_grpc_auth.client.tokens import StaticTokenSource, Token
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2
+from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from bench.fixtures import (
     ECHO,
     OWNER,
     SESSION_ID,
@@ -40,13 +47,6 @@ from ambient_grpc_auth._bench_fixtures import (
     new_identity,
     ours_config,
 )
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2
-from ambient_grpc_auth._unarycall import DirectUnaryUnary
-from ambient_grpc_auth.aio.server import AsyncAuthInterceptor
-from ambient_grpc_auth.caching import CachingTokenSource
-from ambient_grpc_auth.client import AuthInterceptor as ClientInterceptor
-from ambient_grpc_auth.server import AuthInterceptor
-from ambient_grpc_auth.tokens import StaticTokenSource, Token
 
 _REQUEST = echo_pb2.EchoRequest(session_id=SESSION_ID, text="hello")
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     owners = {SESSION_ID: OWNER}
 
     sync_base = grpc.unary_unary_rpc_method_handler(EchoServicer().Echo)
-    sync_server = AuthInterceptor(
+    sync_server = ServerAuthInterceptor(
         config=ours_config(identity.public_pem, owners, inline_lookup=False)
     )
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.unary_unary(_REQUEST, None)
 
     aio_base = grpc.unary_unary_rpc_method_handler(AsyncEchoServicer().Echo)
-    aio_server = AsyncAuthInterceptor(
+    aio_server = AioServerAuthInterceptor(
         config=ours_config(identity.public_pem, owners, inline_lookup=True)
     )
 

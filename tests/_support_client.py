@@ -16,9 +16,9 @@ import grpc
 
 from ambient_grpc_auth._bearer import extract_bearer
 from ambient_grpc_auth._clock import Clock
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.client.tokens import Token
 from ambient_grpc_auth.errors import TokenRejectedError, TokenUnavailableError
-from ambient_grpc_auth.tokens import Token
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 
 # Fast channel reconnects so restart tests do not wait for gRPC's 1 s+ backoff.
 FAST_RECONNECT = (
@@ -422,7 +422,7 @@ class SessionServer:
 
 
 def _serve_sessions(store: Any, auth: AuthState, port: int) -> grpc.Server:
-    from ambient_grpc_auth.reference import serve
+    from ambient_grpc_auth.reference.servicer import serve
 
     deadline = time.monotonic() + 5.0
     while True:
@@ -441,7 +441,7 @@ def _serve_sessions(store: Any, auth: AuthState, port: int) -> grpc.Server:
 
 
 def start_session_server(db_path: str) -> SessionServer:
-    from ambient_grpc_auth.reference import SessionStore
+    from ambient_grpc_auth.reference.servicer import SessionStore
 
     store = SessionStore(db_path)
     session_id = store.create_session("client-tests").metadata.id

@@ -23,12 +23,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from multidict import CIMultiDict
 
-from ambient_grpc_auth.keys import ensure_keys
-from ambient_grpc_auth.tokenserver import (
-    RunningTokenServer,
-    TokenServerConfig,
-    start_token_server,
-)
+from ambient_grpc_auth.controlplane.config import TokenServerConfig
+from ambient_grpc_auth.controlplane.keys import ensure_keys
+from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 
 KEY_FILES = ("private.pem", "public.pem", "signing.pem")
 

@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ambient_grpc_auth.client.tokens import Token
+from ambient_grpc_auth.controlplane.keys import public_key_pem
 from ambient_grpc_auth.errors import TokenUnavailableError
-from ambient_grpc_auth.keys import public_key_pem
-from ambient_grpc_auth.tokens import Token
 
 # An HMAC key for test JWTs; only the (unverified) exp claim matters here.
 _JWT_KEY = "k" * 32

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from ambient_grpc_auth import bench
-from ambient_grpc_auth._bench_proc import latency_stats, rotated
+from bench import benchmark as bench
+from bench.proc import latency_stats, rotated
 
 METRICS = {
     "sync_unary_p50_ratio",

@@ -12,12 +12,12 @@ from collections.abc import Callable
 import pytest
 from _support_runner import FakeSource
 
-from ambient_grpc_auth import _refresh, caching
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._refresh import Action, CacheState, RefreshPolicy
-from ambient_grpc_auth.caching import REFRESH_AHEAD_SECONDS, CachingTokenSource
+from ambient_grpc_auth.client._refresh import Action, CacheState, RefreshPolicy
+from ambient_grpc_auth.client.caching import REFRESH_AHEAD_SECONDS, CachingTokenSource
+from ambient_grpc_auth.client import _refresh, caching
+from ambient_grpc_auth.client.tokens import Token
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
-from ambient_grpc_auth.tokens import Token
 
 TTL = 900.0  # a typical 15-minute runner token
 

@@ -12,23 +12,22 @@ from typing import Any
 import grpc
 import pytest
 from _support_client import CountingSource, EchoServer, start_echo_server
+from ambient_grpc_auth import aio as aio_client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.aio import client as aio_client
-from ambient_grpc_auth.channel import (
+from ambient_grpc_auth.client.channel import create_channel, create_channel_from_env
+from ambient_grpc_auth.client.target import (
     DEFAULT_TARGET,
     ChannelConfig,
     Locality,
     check_target,
-    create_channel,
-    create_channel_from_env,
     parse_target,
 )
 from ambient_grpc_auth.errors import ConfigurationError
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 
 L = Locality
 R = echo_pb2.EchoRequest
@@ -379,8 +378,8 @@ def test_process_exits_with_a_channel_left_open() -> None:
     script = textwrap.dedent(
         """
         import grpc
-        from ambient_grpc_auth.channel import create_channel
-        from ambient_grpc_auth.tokens import StaticTokenSource
+        from ambient_grpc_auth.client.channel import create_channel
+        from ambient_grpc_auth.client.tokens import StaticTokenSource
         channel = create_channel("127.0.0.1:1", StaticTokenSource("t"), tls=False)
         try:
             channel.unary_unary("/x.Y/Z")(b"", timeout=0.2)

@@ -27,16 +27,12 @@ from _support_client import (
 )
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.aio.client import (
-    AuthenticatedChannel,
-    AuthInterceptor,
-    TokenUnavailableAioRpcError,
-    create_channel,
-)
-from ambient_grpc_auth.caching import CachingTokenSource
+from ambient_grpc_auth.client.aio.channel import AuthenticatedChannel, create_channel
+from ambient_grpc_auth.client.aio.interceptor import AuthInterceptor, TokenUnavailableRpcError
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.tokens import Token, TokenSource
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
-from ambient_grpc_auth.tokens import Token, TokenSource
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 
 R = echo_pb2.EchoRequest
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
@@ -376,7 +372,7 @@ async def test_no_token_fails_every_shape_locally(
         for attempt in attempts:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await attempt()
-            assert isinstance(err.value, TokenUnavailableAioRpcError)
+            assert isinstance(err.value, TokenUnavailableRpcError)
             assert err.value.code() is code
             assert err.value.details() == "could not obtain an access token"
             assert isinstance(err.value.__cause__, TokenUnavailableError)

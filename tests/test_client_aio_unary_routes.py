@@ -23,15 +23,12 @@ from _support_client import (
     start_echo_server,
 )
 
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.aio._unarycall import DirectAioUnaryUnary
-from ambient_grpc_auth.aio.client import (
-    AuthenticatedChannel,
-    TokenUnavailableAioRpcError,
-    create_channel,
-)
+from ambient_grpc_auth.client.aio._unary import DirectAioUnaryUnary
+from ambient_grpc_auth.client.aio.channel import AuthenticatedChannel, create_channel
+from ambient_grpc_auth.client.aio.interceptor import TokenUnavailableRpcError
+from ambient_grpc_auth.client.tokens import Token, TokenSource
 from ambient_grpc_auth.errors import TokenUnavailableError
-from ambient_grpc_auth.tokens import Token, TokenSource
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 
 R = echo_pb2.EchoRequest
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
@@ -215,7 +212,7 @@ async def test_no_token_fails_locally(server: EchoServer, route: str, retryable:
     expected = grpc.StatusCode.UNAVAILABLE if retryable else UNAUTH
     try:
         call = stub.Echo(R(text="u"))
-        with pytest.raises(TokenUnavailableAioRpcError) as err:
+        with pytest.raises(TokenUnavailableRpcError) as err:
             await call
         assert err.value.code() is expected
         assert isinstance(err.value.token_error, TokenUnavailableError)

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ambient_grpc_auth import _client_core as core
-from ambient_grpc_auth.aio.client import _rebuild as aio_rebuild
-from ambient_grpc_auth.client import _CallDetails, _rebuild
+from ambient_grpc_auth.client.aio.interceptor import _rebuild as aio_rebuild
+from ambient_grpc_auth.client.interceptor import _CallDetails, _rebuild
+from ambient_grpc_auth.client.interceptor import _core as core
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 
 C = grpc.ChannelConnectivity
@@ -369,7 +369,7 @@ def test_resume_after_seq_rejects_garbage(raw: str) -> None:
 
 
 def test_plaintext_channels_turn_the_http_proxy_off() -> None:
-    from ambient_grpc_auth._client_core import plaintext_channel_options
+    from ambient_grpc_auth.client._core import plaintext_channel_options
 
     assert plaintext_channel_options(()) == [("grpc.enable_http_proxy", 0)]
     assert plaintext_channel_options((("grpc.lb_policy_name", "round_robin"),)) == [

@@ -29,16 +29,16 @@ from _support_client import (
 )
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.caching import CachingTokenSource
-from ambient_grpc_auth.channel import AuthenticatedChannel, create_channel
-from ambient_grpc_auth.client import (
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel
+from ambient_grpc_auth.client.interceptor import (
     AuthInterceptor,
     TokenUnavailableRpcError,
     bearer_call_credentials,
 )
+from ambient_grpc_auth.client.tokens import TokenSource
 from ambient_grpc_auth.errors import TokenUnavailableError
-from ambient_grpc_auth.tokens import TokenSource
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 
 R = echo_pb2.EchoRequest
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED

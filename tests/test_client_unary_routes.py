@@ -21,12 +21,12 @@ from _support_client import (
     start_echo_server,
 )
 
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth._unarycall import DirectUnaryUnary
-from ambient_grpc_auth.channel import AuthenticatedChannel, create_channel
-from ambient_grpc_auth.client import AuthInterceptor, TokenUnavailableRpcError
+from ambient_grpc_auth.client._unary import DirectUnaryUnary
+from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel
+from ambient_grpc_auth.client.interceptor import AuthInterceptor, TokenUnavailableRpcError
+from ambient_grpc_auth.client.tokens import Token, TokenSource
 from ambient_grpc_auth.errors import TokenUnavailableError
-from ambient_grpc_auth.tokens import Token, TokenSource
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 
 R = echo_pb2.EchoRequest
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED

@@ -15,15 +15,16 @@ import pytest_asyncio
 from _support_runner import Reply, ScriptedServer, Seen, make_jwt, shared_public_pem, shared_rsa_key
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ambient_grpc_auth import cpsource
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth.caching import CachingTokenSource
-from ambient_grpc_auth.cpsource import ControlPlaneTokenSource
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
+from ambient_grpc_auth.client.interceptor import control_plane as cpsource
+from ambient_grpc_auth.client.tokens import Token
+from ambient_grpc_auth.controlplane.config import TokenServerConfig
+from ambient_grpc_auth.controlplane.keys import ensure_keys
+from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenUnavailableError
-from ambient_grpc_auth.keys import ensure_keys
 from ambient_grpc_auth.proof import decode_proof
-from ambient_grpc_auth.tokens import Token
-from ambient_grpc_auth.tokenserver import RunningTokenServer, TokenServerConfig, start_token_server
 
 SESSION = "session-0123456789"
 ISSUED = make_jwt(1_900_000_000, session_id=SESSION)

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from _support_runner import FakeSource, Reply, ScriptedServer, Seen
 
-from ambient_grpc_auth import credentials
-from ambient_grpc_auth.credentials import (
+from ambient_grpc_auth.client.credentials import (
     DEFAULT_BACKEND_URL,
     CredentialClient,
     CredentialUnavailableError,
@@ -21,8 +20,9 @@ from ambient_grpc_auth.credentials import (
     check_backend_url,
     parse_credential_ids,
 )
+from ambient_grpc_auth.client.interceptor import credentials
+from ambient_grpc_auth.client.tokens import FileTokenSource, StaticTokenSource, Token
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
-from ambient_grpc_auth.tokens import FileTokenSource, StaticTokenSource, Token
 
 CALLER = "caller-token-aaaaaaaaaaaa"
 SA = "service-account-token-bbbbbbbb"

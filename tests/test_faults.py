@@ -35,34 +35,31 @@ import grpc
 import grpc.aio
 import pytest
 from aiohttp import web
+from ambient_grpc_auth import aio as aio_client
+from ambient_grpc_auth.client.aio import sessions as aio_sessions
+from ambient_grpc_auth.reference.aio import servicer as aio_reference
 
-from ambient_grpc_auth import reference
-from ambient_grpc_auth import sessions as sync_sessions
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-from ambient_grpc_auth.aio import client as aio_client
-from ambient_grpc_auth.aio import reference as aio_reference
-from ambient_grpc_auth.aio import sessions as aio_sessions
-from ambient_grpc_auth.aio.server import AsyncAuthInterceptor
-from ambient_grpc_auth.authn import TrustedIssuer
-from ambient_grpc_auth.caching import CachingTokenSource
-from ambient_grpc_auth.channel import create_channel
-from ambient_grpc_auth.cpsource import ControlPlaneTokenSource
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.channel import create_channel
+from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
+from ambient_grpc_auth.client.interceptor import sessions as sync_sessions
+from ambient_grpc_auth.client.sessions import WatchRetryPolicy
+from ambient_grpc_auth.client.tokens import StaticTokenSource
+from ambient_grpc_auth.controlplane.config import TokenServerConfig
+from ambient_grpc_auth.controlplane.issuers import DEFAULT_AUDIENCE
+from ambient_grpc_auth.controlplane.keys import ensure_keys, load_keys, rotate_signing_key
+from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import TokenUnavailableError
-from ambient_grpc_auth.issuers import DEFAULT_AUDIENCE
 from ambient_grpc_auth.jwk import VerificationKey
-from ambient_grpc_auth.jwks import JwksCache, KeySource, StaticKeySet
-from ambient_grpc_auth.keys import ensure_keys, load_keys, rotate_signing_key
-from ambient_grpc_auth.policy import AuthMetrics
-from ambient_grpc_auth.server import AuthInterceptor
-from ambient_grpc_auth.serverconfig import API_TOKEN_ENV, ServerAuthConfig
-from ambient_grpc_auth.sessions import WatchRetryPolicy
-from ambient_grpc_auth.tokens import StaticTokenSource
-from ambient_grpc_auth.tokenserver import (
-    RunningTokenServer,
-    TokenServerConfig,
-    start_token_server,
-)
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+from ambient_grpc_auth.reference.servicer import servicer as reference
+from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.authn import TrustedIssuer
+from ambient_grpc_auth.server.config import API_TOKEN_ENV, ServerAuthConfig
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet
+from ambient_grpc_auth.server.policy import AuthMetrics
 
 T = TypeVar("T")
 
@@ -364,7 +361,7 @@ class SyncWorld:
         self.server, bound = reference.serve(
             store,
             self.target,
-            interceptors=[AuthInterceptor(config=config)],
+            interceptors=[ServerAuthInterceptor(config=config)],
             thread_pool=self.pool,
         )
         assert bound == self.port
@@ -575,7 +572,7 @@ def test_token_endpoint_down_at_start_aio_watch_waits_for_it(
             cp_port=cp_port, keys=static_keys(keys_dir), clock=clock, store=store, metrics=metrics
         )
         server, _ = await aio_reference.serve(
-            store, f"127.0.0.1:{port}", interceptors=[AsyncAuthInterceptor(config=config)]
+            store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
         )
         cp: list[RunningTokenServer] = []
 
@@ -746,7 +743,7 @@ def test_bad_token_endpoint_answers_aio(mode: str, keys_dir: Path) -> None:
             cp_port=1, keys=static_keys(keys_dir), clock=clock, store=store, metrics=metrics
         )
         server, _ = await aio_reference.serve(
-            store, f"127.0.0.1:{port}", interceptors=[AsyncAuthInterceptor(config=config)]
+            store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
         )
         sleeps = AsyncSleeps(FakeClock())
         inner = ControlPlaneTokenSource(
@@ -800,7 +797,7 @@ def test_token_endpoint_down_mid_session_aio(keys_dir: Path, tmp_path: Path) -> 
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics
             )
             state["server"], _ = await aio_reference.serve(
-                store, f"127.0.0.1:{port}", interceptors=[AsyncAuthInterceptor(config=config)]
+                store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
             )
             state["store"] = store
 
@@ -1009,7 +1006,7 @@ def test_session_server_restart_mid_stream_and_push_aio(
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics
             )
             live["server"], _ = await aio_reference.serve(
-                store, f"127.0.0.1:{port}", interceptors=[AsyncAuthInterceptor(config=config)]
+                store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
             )
             live["store"] = store
 
@@ -1120,7 +1117,7 @@ def test_token_expiry_mid_stream_aio(keys_dir: Path, tmp_path: Path) -> None:
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics, leeway=5
             )
             live["server"], _ = await aio_reference.serve(
-                store, f"127.0.0.1:{port}", interceptors=[AsyncAuthInterceptor(config=config)]
+                store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
             )
             live["store"] = store
 
@@ -1381,7 +1378,7 @@ def test_watch_drops_what_a_server_replays_twice(keys_dir: Path) -> None:
         config = server_config(
             cp_port=1, keys=static_keys(keys_dir), clock=clock, store=store, metrics=metrics
         )
-        server = grpc.aio.server(interceptors=[AsyncAuthInterceptor(config=config)])
+        server = grpc.aio.server(interceptors=[AioServerAuthInterceptor(config=config)])
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(  # type: ignore[no-untyped-call]
             OverReplayingServicer(store), server
         )
@@ -1410,7 +1407,7 @@ def test_watch_drops_what_a_server_replays_twice(keys_dir: Path) -> None:
             # Every resumption replays three old messages again.
             for round_ in range(3):
                 await server.stop(0)
-                server = grpc.aio.server(interceptors=[AsyncAuthInterceptor(config=config)])
+                server = grpc.aio.server(interceptors=[AioServerAuthInterceptor(config=config)])
                 sessions_pb2_grpc.add_SessionServiceServicer_to_server(  # type: ignore[no-untyped-call]
                     OverReplayingServicer(store), server
                 )
@@ -1450,13 +1447,13 @@ def test_oversized_metadata_is_refused_before_any_handler(flavour: str, tmp_path
     servers: dict[str, Any] = {}
     if loop is None:
         servers["sync"], port = reference.serve(
-            store, interceptors=[AuthInterceptor(config=config)], thread_pool=pool
+            store, interceptors=[ServerAuthInterceptor(config=config)], thread_pool=pool
         )
     else:
 
         async def start() -> tuple[grpc.aio.Server, int]:
             return await aio_reference.serve(
-                store, interceptors=[AsyncAuthInterceptor(config=config)]
+                store, interceptors=[AioServerAuthInterceptor(config=config)]
             )
 
         servers["aio"], port = loop.run(start())

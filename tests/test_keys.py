@@ -19,8 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth._keyfiles import create_exclusive
-from ambient_grpc_auth.errors import KeyFileError
-from ambient_grpc_auth.keys import (
+from ambient_grpc_auth.controlplane.keys import (
     SigningKey,
     SigningKeySet,
     SigningKeyStore,
@@ -38,6 +37,7 @@ from ambient_grpc_auth.keys import (
     public_key_pem,
     rotate_signing_key,
 )
+from ambient_grpc_auth.errors import KeyFileError
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth"}
 
@@ -112,7 +112,7 @@ def test_missing_signing_key_is_added_without_touching_the_pair(tmp_path: Path) 
 def test_concurrent_first_start_threads_agree(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ambient_grpc_auth.keys")
+    caplog.set_level(logging.INFO, logger="ambient_grpc_auth.controlplane.keys")
     d = tmp_path / "fresh"
     n = 4
     barrier = threading.Barrier(n)

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ambient_grpc_auth._clock import FakeClock
+from ambient_grpc_auth.controlplane.keys import load_keys
 from ambient_grpc_auth.errors import ConfigurationError, ProofError
-from ambient_grpc_auth.keys import load_keys
 from ambient_grpc_auth.proof import (
     DecodedProof,
     ReplayGuard,

@@ -37,29 +37,20 @@ import grpc
 import grpc.aio
 import jwt
 import pytest
+from ambient_grpc_auth.reference.aio import servicer as aio_reference
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ambient_grpc_auth import reference
 from ambient_grpc_auth._bearer import authorization_metadata, extract_bearer
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-from ambient_grpc_auth.aio import reference as aio_reference
-from ambient_grpc_auth.aio.server import AsyncAuthInterceptor
-from ambient_grpc_auth.authn import (
-    AuthenticatorChain,
-    JwtAuthenticator,
-    StaticTokenAuthenticator,
-    TrustedIssuer,
-)
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
+from ambient_grpc_auth.controlplane.config import TokenServerConfig
+from ambient_grpc_auth.controlplane.keys import ensure_keys
+from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenRejectedError
 from ambient_grpc_auth.jwk import VerificationKey
-from ambient_grpc_auth.jwks import StaticKeySet
-from ambient_grpc_auth.keys import ensure_keys
-from ambient_grpc_auth.policy import CallerClassifier
 from ambient_grpc_auth.principal import Principal
 from ambient_grpc_auth.proof import (
     DecodedProof,
@@ -69,9 +60,19 @@ from ambient_grpc_auth.proof import (
     encrypt_v2,
     max_plaintext_bytes,
 )
-from ambient_grpc_auth.server import AuthInterceptor
-from ambient_grpc_auth.serverconfig import API_TOKEN_ENV, ServerAuthConfig
-from ambient_grpc_auth.tokenserver import RunningTokenServer, TokenServerConfig, start_token_server
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+from ambient_grpc_auth.reference.servicer import servicer as reference
+from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.authn import (
+    AuthenticatorChain,
+    JwtAuthenticator,
+    StaticTokenAuthenticator,
+    TrustedIssuer,
+)
+from ambient_grpc_auth.server.config import API_TOKEN_ENV, ServerAuthConfig
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from ambient_grpc_auth.server.jwks import StaticKeySet
+from ambient_grpc_auth.server.policy import CallerClassifier
 
 T = TypeVar("T")
 
@@ -673,11 +674,11 @@ def grpc_targets(loop_thread: LoopThread) -> Iterator[tuple[list[Any], str]]:
     session_id = store.create_session("props", created_by="alice").metadata.id
     store.append(session_id, "assistant", "hello")
     server, port = reference.serve(
-        store, interceptors=[AuthInterceptor(config=_server_config(store))]
+        store, interceptors=[ServerAuthInterceptor(config=_server_config(store))]
     )
 
     async def start_aio() -> tuple[grpc.aio.Server, int]:
-        interceptor = AsyncAuthInterceptor(config=_server_config(store))
+        interceptor = AioServerAuthInterceptor(config=_server_config(store))
         return await aio_reference.serve(store, interceptors=[interceptor])
 
     aio_server, aio_port = loop_thread.run(start_aio())

@@ -215,13 +215,13 @@ PUBLIC: dict[str, list[str]] = {
     "aio.client": [
         "AuthInterceptor",
         "AuthenticatedChannel",
-        "TokenUnavailableAioRpcError",
+        "TokenUnavailableRpcError",
         "create_channel",
         "create_channel_from_env",
     ],
-    "aio.server": ["AsyncAuthInterceptor"],
+    "aio.server": ["ServerAuthInterceptor"],
     "aio.sessions": [
-        "AsyncSessionWatch",
+        "SessionWatch",
         "DEFAULT_PUSH_TIMEOUT",
         "RESUME_AFTER_SEQ_ENV",
         "WatchRetryPolicy",

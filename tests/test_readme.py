@@ -15,14 +15,15 @@ from typing import Any
 import grpc
 import pytest
 
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-from ambient_grpc_auth.authn import TrustedIssuer
-from ambient_grpc_auth.jwks import JwksCache
-from ambient_grpc_auth.keys import ensure_keys
-from ambient_grpc_auth.reference import SessionServicer, SessionStore
-from ambient_grpc_auth.serverconfig import ServerAuthConfig
-from ambient_grpc_auth.serverrun import start_sync_session_server
-from ambient_grpc_auth.tokenserver import RunningTokenServer, TokenServerConfig, start_token_server
+from ambient_grpc_auth.controlplane.config import TokenServerConfig
+from ambient_grpc_auth.controlplane.keys import ensure_keys
+from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+from ambient_grpc_auth.reference.serve import start_sync_session_server
+from ambient_grpc_auth.reference.servicer import SessionServicer, SessionStore
+from ambient_grpc_auth.server.authn import TrustedIssuer
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.jwks import JwksCache
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SERVICE_TOKEN = "readme-service-token-0123456789"  # noqa: S105 (test value)

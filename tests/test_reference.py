@@ -28,13 +28,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2 as pb
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2_grpc as pb_grpc
-from ambient_grpc_auth._store import check_push_allowed, status_of, validate_watch
-from ambient_grpc_auth.aio.reference import serve as aio_serve
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.principal import CallerKind, Principal
-from ambient_grpc_auth.reference import (
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2 as pb
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2_grpc as pb_grpc
+from ambient_grpc_auth.reference.aio.servicer import serve as aio_serve
+from ambient_grpc_auth.reference.servicer import (
     MAX_EVENT_TYPE_CHARS,
     MAX_ID_CHARS,
     PAGE_SIZE,
@@ -42,6 +41,7 @@ from ambient_grpc_auth.reference import (
     SessionStoreError,
     serve,
 )
+from ambient_grpc_auth.reference.store import check_push_allowed, status_of, validate_watch
 
 Code = grpc.StatusCode
 MiB = 1 << 20

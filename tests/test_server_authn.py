@@ -28,7 +28,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth.authn import (
+from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
+from ambient_grpc_auth.jwk import VerificationKey
+from ambient_grpc_auth.principal import CallerKind, Principal
+from ambient_grpc_auth.server.authn import (
     MAX_LEEWAY,
     AuthenticatorChain,
     JwtAuthenticator,
@@ -37,10 +40,7 @@ from ambient_grpc_auth.authn import (
     UnrecognizedTokenError,
     kubernetes_issuer,
 )
-from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
-from ambient_grpc_auth.jwk import VerificationKey
-from ambient_grpc_auth.jwks import JwksCache, StaticKeySet
-from ambient_grpc_auth.principal import CallerKind, Principal
+from ambient_grpc_auth.server.jwks import JwksCache, StaticKeySet
 
 
 def keyset(*keys: VerificationKey) -> StaticKeySet:

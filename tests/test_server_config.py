@@ -29,21 +29,21 @@ from _support_server import (
 )
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.aio.server import AsyncAuthInterceptor
-from ambient_grpc_auth.authn import (
+from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
+from ambient_grpc_auth.jwk import VerificationKey
+from ambient_grpc_auth.principal import Principal
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.authn import (
     AuthenticatorChain,
     JwtAuthenticator,
     StaticTokenAuthenticator,
     TrustedIssuer,
 )
-from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
-from ambient_grpc_auth.jwk import VerificationKey
-from ambient_grpc_auth.jwks import JwksCache, StaticKeySet
-from ambient_grpc_auth.policy import AuthMetrics, MethodRule, OwnershipPolicy
-from ambient_grpc_auth.principal import Principal
-from ambient_grpc_auth.server import AuthInterceptor
-from ambient_grpc_auth.serverconfig import ServerAuthConfig, _AuthEngine
+from ambient_grpc_auth.server.config import ServerAuthConfig, _AuthEngine
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from ambient_grpc_auth.server.jwks import JwksCache, StaticKeySet
+from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
 
 
 def idp(keys: Any = None, **kw: Any) -> TrustedIssuer:
@@ -88,9 +88,9 @@ def test_from_env_chain_and_control_plane_issuers() -> None:
 def test_from_env_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AMBIENT_API_TOKEN", "env-token-abcdef")
     monkeypatch.delenv("GRPC_SERVICE_ACCOUNT", raising=False)
-    interceptor = AuthInterceptor.from_env()
+    interceptor = ServerAuthInterceptor.from_env()
     assert interceptor.config.authenticator.authenticate("env-token-abcdef").is_service
-    assert AsyncAuthInterceptor.from_env().config.classifier.service_usernames == frozenset()
+    assert AioServerAuthInterceptor.from_env().config.classifier.service_usernames == frozenset()
 
 
 # --- the decision core -------------------------------------------------------------
@@ -151,13 +151,13 @@ def _start(kind: str, config: ServerAuthConfig) -> tuple[RunningServer, Recorder
     if kind == "sync":
         servicer: Any = SyncEcho(recorder)
         server = start_sync_server(
-            [AuthInterceptor(config=config)],
+            [ServerAuthInterceptor(config=config)],
             lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
         )
     else:
         servicer = AsyncEcho(recorder)
         server = start_aio_server_in_thread(
-            [AsyncAuthInterceptor(config=config)],
+            [AioServerAuthInterceptor(config=config)],
             lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
         )
     return server, recorder

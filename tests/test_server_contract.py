@@ -42,14 +42,14 @@ from _support_server import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.aio.server import AsyncAuthInterceptor
-from ambient_grpc_auth.authn import TrustedIssuer
 from ambient_grpc_auth.jwk import VerificationKey
-from ambient_grpc_auth.jwks import StaticKeySet
-from ambient_grpc_auth.policy import AuthMetrics, MethodRule, OwnershipPolicy
-from ambient_grpc_auth.server import AuthInterceptor
-from ambient_grpc_auth.serverconfig import ServerAuthConfig
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.authn import TrustedIssuer
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from ambient_grpc_auth.server.jwks import StaticKeySet
+from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
 
 KINDS = ("sync", "aio", "aio-rw", "aio-sync")
 SA_PATTERN = "system:serviceaccount:*:session-*-sa"
@@ -104,7 +104,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     if kind == "sync":
         servicer: Any = SyncEcho(recorder)
         server = start_sync_server(
-            [AuthInterceptor(config=config)],
+            [ServerAuthInterceptor(config=config)],
             lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
         )
     else:
@@ -112,7 +112,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
             recorder
         )
         server = start_aio_server_in_thread(
-            [AsyncAuthInterceptor(config=config)],
+            [AioServerAuthInterceptor(config=config)],
             lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
         )
     channel = grpc.insecure_channel(server.target)

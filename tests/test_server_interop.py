@@ -14,13 +14,13 @@ import pytest
 from _support_server import CP_ISSUER, JwksServer, other_key, signing_key
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth.authn import JwtAuthenticator, TrustedIssuer
+from ambient_grpc_auth.controlplane.issuers import DEFAULT_AUDIENCE, DEFAULT_SUBJECT, JwtIssuer
+from ambient_grpc_auth.controlplane.signing import SigningKey, SigningKeySet
 from ambient_grpc_auth.errors import TokenRejectedError
-from ambient_grpc_auth.issuers import DEFAULT_AUDIENCE, DEFAULT_SUBJECT, JwtIssuer
-from ambient_grpc_auth.jwks import JwksCache
-from ambient_grpc_auth.policy import CallerClassifier
 from ambient_grpc_auth.principal import CallerKind
-from ambient_grpc_auth.signing import SigningKey, SigningKeySet
+from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
+from ambient_grpc_auth.server.jwks import JwksCache
+from ambient_grpc_auth.server.policy import CallerClassifier
 
 
 @pytest.fixture

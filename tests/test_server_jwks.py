@@ -26,13 +26,13 @@ from _support_server import (
 )
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ambient_grpc_auth import keys as cp_keys
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth.authn import JwtAuthenticator, TrustedIssuer
+from ambient_grpc_auth.controlplane import keys as cp_keys
 from ambient_grpc_auth.errors import ConfigurationError, KeyFileError, TokenRejectedError
 from ambient_grpc_auth.jwk import jwk_thumbprint, key_from_jwk, parse_jwks
-from ambient_grpc_auth.jwks import JwksCache, KeysUnavailableError, StaticKeySet
-from ambient_grpc_auth.policy import AuthMetrics
+from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
+from ambient_grpc_auth.server.jwks import JwksCache, KeysUnavailableError, StaticKeySet
+from ambient_grpc_auth.server.policy import AuthMetrics
 
 COOLDOWN = 30.0
 

@@ -27,18 +27,18 @@ from _support_server import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ambient_grpc_auth import serverconfig
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.aio.server import AsyncAuthInterceptor
-from ambient_grpc_auth.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.jwk import VerificationKey
-from ambient_grpc_auth.jwks import StaticKeySet
-from ambient_grpc_auth.policy import AuthMetrics, MethodRule, OwnershipPolicy
 from ambient_grpc_auth.principal import CallerKind, Principal
-from ambient_grpc_auth.server import AuthInterceptor
-from ambient_grpc_auth.serverconfig import ServerAuthConfig, _AuthEngine
-from ambient_grpc_auth.tokencache import VerifiedTokenCache
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
+from ambient_grpc_auth.server.config import ServerAuthConfig, _AuthEngine
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from ambient_grpc_auth.server import config as serverconfig
+from ambient_grpc_auth.server.jwks import StaticKeySet
+from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
+from ambient_grpc_auth.server.tokencache import VerifiedTokenCache
 
 RULE = MethodRule.session("session_id")
 METHODS = {ECHO + name: RULE for name in ("Echo", "StreamEcho", "CollectEcho", "ChatEcho")}
@@ -82,7 +82,7 @@ def _handler() -> Any:
 
 def test_one_wrapper_per_token_and_method() -> None:
     clock = FakeClock()
-    interceptor = AuthInterceptor(config=_config(clock, {}))
+    interceptor = ServerAuthInterceptor(config=_config(clock, {}))
     alice, bob = mint(clock.time(), sub="alice"), mint(clock.time(), sub="bob")
     handler = _handler()
 
@@ -100,7 +100,7 @@ def test_one_wrapper_per_token_and_method() -> None:
 
 def test_a_token_verified_again_gets_a_new_wrapper() -> None:
     clock = FakeClock()
-    interceptor = AuthInterceptor(config=_config(clock, {}, max_ttl=10.0))
+    interceptor = ServerAuthInterceptor(config=_config(clock, {}, max_ttl=10.0))
     token = mint(clock.time(), sub="alice", ttl=600)
     handler = _handler()
     details = _Details(ECHO + "Echo", token)
@@ -114,7 +114,7 @@ def test_a_token_verified_again_gets_a_new_wrapper() -> None:
 def test_an_expired_token_is_refused_even_with_a_wrapper_remembered() -> None:
     clock = FakeClock()
     metrics = AuthMetrics()
-    interceptor = AuthInterceptor(config=_config(clock, {}, metrics=metrics))
+    interceptor = ServerAuthInterceptor(config=_config(clock, {}, metrics=metrics))
     token = mint(clock.time(), sub="alice", ttl=60)
     handler = _handler()
     details = _Details(ECHO + "Echo", token)
@@ -144,7 +144,7 @@ def test_the_memo_and_the_plans_are_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(serverconfig, "MAX_MEMO_ENTRIES", 8)
     monkeypatch.setattr(serverconfig, "MAX_PLANNED_METHODS", 16)
     clock = FakeClock()
-    interceptor = AuthInterceptor(config=_config(clock, {}))
+    interceptor = ServerAuthInterceptor(config=_config(clock, {}))
     engine: _AuthEngine = interceptor._engine
     handler = _handler()
     for index in range(30):
@@ -228,14 +228,14 @@ ServerFactory = Callable[[ServerAuthConfig, Recorder], Any]
 
 def _sync(config: ServerAuthConfig, recorder: Recorder) -> Any:
     return start_sync_server(
-        [AuthInterceptor(config=config)],
+        [ServerAuthInterceptor(config=config)],
         lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(SyncEcho(recorder), s),
     )
 
 
 def _aio(config: ServerAuthConfig, recorder: Recorder) -> Any:
     return start_aio_server_in_thread(
-        [AsyncAuthInterceptor(config=config)],
+        [AioServerAuthInterceptor(config=config)],
         lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(AsyncEcho(recorder), s),
     )
 

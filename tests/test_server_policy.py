@@ -10,7 +10,8 @@ import pytest
 
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.errors import TokenRejectedError
-from ambient_grpc_auth.policy import (
+from ambient_grpc_auth.principal import CallerKind, Principal
+from ambient_grpc_auth.server.policy import (
     ALLOW_AUTHENTICATED,
     DENY,
     SESSION_SERVICE_RULES,
@@ -26,7 +27,6 @@ from ambient_grpc_auth.policy import (
     rule_session_id,
     session_access,
 )
-from ambient_grpc_auth.principal import CallerKind, Principal
 
 CP = "https://cp.test"
 K8S = "https://kubernetes.default.svc.cluster.local"

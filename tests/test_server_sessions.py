@@ -27,18 +27,18 @@ from _support_server import (
     runner_token,
     signing_key,
 )
+from ambient_grpc_auth.reference.aio import servicer as aio_reference
 
-from ambient_grpc_auth import reference
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-from ambient_grpc_auth.aio import reference as aio_reference
-from ambient_grpc_auth.aio.server import AsyncAuthInterceptor
-from ambient_grpc_auth.authn import TrustedIssuer
 from ambient_grpc_auth.jwk import VerificationKey
-from ambient_grpc_auth.jwks import StaticKeySet
-from ambient_grpc_auth.policy import DENY, AuthMetrics, OwnershipPolicy
-from ambient_grpc_auth.server import AuthInterceptor
-from ambient_grpc_auth.serverconfig import ServerAuthConfig
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+from ambient_grpc_auth.reference.servicer import servicer as reference
+from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.authn import TrustedIssuer
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from ambient_grpc_auth.server.jwks import StaticKeySet
+from ambient_grpc_auth.server.policy import DENY, AuthMetrics, OwnershipPolicy
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
@@ -120,13 +120,13 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     store = reference.SessionStore(":memory:")
     config = make_config(store, clock)
     if request.param == "sync":
-        server, port = reference.serve(store, interceptors=[AuthInterceptor(config=config)])
+        server, port = reference.serve(store, interceptors=[ServerAuthInterceptor(config=config)])
         running = RunningServer(port, lambda: server.stop(None).wait(5))
     else:
 
         async def start() -> tuple[grpc.aio.Server, int]:
             return await aio_reference.serve(
-                store, interceptors=[AsyncAuthInterceptor(config=config)]
+                store, interceptors=[AioServerAuthInterceptor(config=config)]
             )
 
         running = run_aio_server_in_thread(start)
@@ -217,7 +217,7 @@ def test_deny_by_default_for_methods_without_rules() -> None:
         ]
     }
     config = make_config(store, clock, ownership=OwnershipPolicy(rules=rules, default=DENY))
-    server, port = reference.serve(store, interceptors=[AuthInterceptor(config=config)])
+    server, port = reference.serve(store, interceptors=[ServerAuthInterceptor(config=config)])
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         env = Env(clock, store, sessions_pb2_grpc.SessionServiceStub(channel))
@@ -239,7 +239,7 @@ async def test_aio_client_and_server_in_one_loop() -> None:
     store = reference.SessionStore(":memory:")
     config = make_config(store, clock)
     server, port = await aio_reference.serve(
-        store, interceptors=[AsyncAuthInterceptor(config=config)]
+        store, interceptors=[AioServerAuthInterceptor(config=config)]
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -20,16 +20,16 @@ from _support_server import (
 )
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.jwk import VerificationKey
-from ambient_grpc_auth.jwks import StaticKeySet
-from ambient_grpc_auth.policy import AuthMetrics, OwnershipPolicy
 from ambient_grpc_auth.principal import CallerKind, Principal
-from ambient_grpc_auth.server import AuthInterceptor
-from ambient_grpc_auth.serverconfig import ServerAuthConfig
-from ambient_grpc_auth.tokencache import VerifiedTokenCache, token_expiry
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from ambient_grpc_auth.server.jwks import StaticKeySet
+from ambient_grpc_auth.server.policy import AuthMetrics, OwnershipPolicy
+from ambient_grpc_auth.server.tokencache import VerifiedTokenCache, token_expiry
 
 ALICE = Principal("alice", CallerKind.USER)
 
@@ -156,7 +156,7 @@ def test_end_to_end_cache_stays_bounded() -> None:
     )
     recorder = Recorder()
     server = start_sync_server(
-        [AuthInterceptor(config=config)],
+        [ServerAuthInterceptor(config=config)],
         lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(SyncEcho(recorder), s),
     )
     try:

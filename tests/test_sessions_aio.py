@@ -24,11 +24,11 @@ from _support_client import (
 )
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2
-from ambient_grpc_auth.aio.client import AuthenticatedChannel, create_channel
-from ambient_grpc_auth.aio.sessions import AsyncSessionWatch, WatchRetryPolicy, push, watch
-from ambient_grpc_auth.caching import CachingTokenSource
-from ambient_grpc_auth.tokens import TokenSource
+from ambient_grpc_auth.client.aio.channel import AuthenticatedChannel, create_channel
+from ambient_grpc_auth.client.aio.sessions import SessionWatch, WatchRetryPolicy, push, watch
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.tokens import TokenSource
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def _channel(srv: SessionServer, source: TokenSource) -> AuthenticatedChannel:
 class Consumer:
     """Iterates a watch in a task, collecting seqs."""
 
-    def __init__(self, w: AsyncSessionWatch) -> None:
+    def __init__(self, w: SessionWatch) -> None:
         self.watch = w
         self.seqs: list[int] = []
         self.error: BaseException | None = None
@@ -297,7 +297,7 @@ class ScriptedStub:
         raise AssertionError("not used")
 
 
-async def _take(w: AsyncSessionWatch, n: int) -> list[int]:
+async def _take(w: SessionWatch, n: int) -> list[int]:
     return [(await w.__anext__()).seq for _ in range(n)]
 
 
@@ -357,8 +357,8 @@ async def test_async_context_manager_closes() -> None:
 
 
 async def test_watch_against_the_aio_reference_server_across_a_restart(tmp_path: Path) -> None:
-    from ambient_grpc_auth.aio.reference import serve
-    from ambient_grpc_auth.reference import SessionStore
+    from ambient_grpc_auth.reference.aio.servicer import serve
+    from ambient_grpc_auth.reference.servicer import SessionStore
 
     store = SessionStore(str(tmp_path / "aio.db"))
     session_id = store.create_session("aio").metadata.id

@@ -24,17 +24,17 @@ from _support_client import (
 )
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-from ambient_grpc_auth.caching import CachingTokenSource
-from ambient_grpc_auth.channel import AuthenticatedChannel, create_channel
-from ambient_grpc_auth.sessions import (
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel
+from ambient_grpc_auth.client.sessions import (
     SessionWatch,
     WatchRetryPolicy,
     push,
     resume_after_seq_from_env,
     watch,
 )
-from ambient_grpc_auth.tokens import TokenSource
+from ambient_grpc_auth.client.tokens import TokenSource
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from ambient_grpc_auth.controlplane.keys import ensure_keys
 from ambient_grpc_auth.errors import ConfigurationError
-from ambient_grpc_auth.keys import ensure_keys
-from ambient_grpc_auth.loadrun import main as load_main
-from ambient_grpc_auth.soak import SoakConfig, _Ledger, main
+from bench.load import main as load_main
+from bench.soak import SoakConfig, _Ledger, main
 
 
 def _children() -> list[int]:

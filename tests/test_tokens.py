@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from _support_runner import FakeSource, b64_pem, make_jwt, shared_public_pem
 
-from ambient_grpc_auth import tokens
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._httpget import excerpt, parse_rfc3339
-from ambient_grpc_auth.caching import CachingTokenSource
-from ambient_grpc_auth.cpsource import ControlPlaneTokenSource
-from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
-from ambient_grpc_auth.tokens import (
+from ambient_grpc_auth._http import excerpt, parse_rfc3339
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
+from ambient_grpc_auth.client.env import token_source_from_env
+from ambient_grpc_auth.client.interceptor import tokens
+from ambient_grpc_auth.client.tokens import (
     ChainTokenSource,
     EnvTokenSource,
     FileTokenSource,
@@ -24,8 +24,8 @@ from ambient_grpc_auth.tokens import (
     Token,
     TokenSource,
     jwt_expiry,
-    token_source_from_env,
 )
+from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 
 SECRET = "s3cr3t-value-that-must-not-leak"
 

@@ -44,14 +44,20 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth._tokenapp import STATE
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
+from ambient_grpc_auth.controlplane.app import STATE
+from ambient_grpc_auth.controlplane.config import TokenServerConfig
+from ambient_grpc_auth.controlplane.issuers import (
+    DEFAULT_SUBJECT,
+    IssuedToken,
+    JwtIssuer,
+    format_rfc3339,
+)
+from ambient_grpc_auth.controlplane.keys import load_keys, load_public_key, rotate_signing_key
+from ambient_grpc_auth.controlplane.oidc_issuer import OidcClientCredentialsIssuer, OidcSettings
+from ambient_grpc_auth.controlplane.server import create_app
 from ambient_grpc_auth.errors import ConfigurationError
-from ambient_grpc_auth.issuers import DEFAULT_SUBJECT, IssuedToken, JwtIssuer, format_rfc3339
-from ambient_grpc_auth.keys import load_keys, load_public_key, rotate_signing_key
-from ambient_grpc_auth.oidc_issuer import OidcClientCredentialsIssuer, OidcSettings
 from ambient_grpc_auth.proof import encrypt_v1, encrypt_v2
-from ambient_grpc_auth.tokenserver import TokenServerConfig, create_app
 
 SID = "session-0123456789abcdef"
 ISS = "https://cp.ambient.test"
@@ -478,7 +484,8 @@ def test_run_token_server_stops_on_signal(keys_dir: Path, sig: signal.Signals) -
     script = textwrap.dedent(
         """
         import sys
-        from ambient_grpc_auth.tokenserver import TokenServerConfig, run_token_server
+        from ambient_grpc_auth.controlplane.config import TokenServerConfig
+        from ambient_grpc_auth.controlplane.server import run_token_server
         config = TokenServerConfig(keys_dir=sys.argv[1], generate_keys=False)
         run_token_server(config, "127.0.0.1", 0, ready=lambda s: print(s.url, flush=True))
         print("stopped", flush=True)
@@ -787,12 +794,12 @@ async def test_jwt_issuer_units(keys_dir: Path) -> None:
 
 
 def test_public_surface_is_pinned() -> None:
-    import ambient_grpc_auth.issuers as issuers_mod
-    import ambient_grpc_auth.keys as keys_mod
-    import ambient_grpc_auth.oidc_issuer as oidc_mod
+    import ambient_grpc_auth.controlplane.issuers as issuers_mod
+    import ambient_grpc_auth.controlplane.keys as keys_mod
+    import ambient_grpc_auth.controlplane.oidc_issuer as oidc_mod
+    import ambient_grpc_auth.controlplane.server as ts_mod
+    import ambient_grpc_auth.controlplane.signing as signing_mod
     import ambient_grpc_auth.proof as proof_mod
-    import ambient_grpc_auth.signing as signing_mod
-    import ambient_grpc_auth.tokenserver as ts_mod
 
     for mod in (issuers_mod, keys_mod, oidc_mod, proof_mod, signing_mod, ts_mod):
         for name in mod.__all__:

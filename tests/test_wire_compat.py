@@ -19,8 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ambient_grpc_auth._proto.ambient.v1 import sessions_pb2
-from ambient_grpc_auth.reference import SessionStore, serve
+from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2
+from ambient_grpc_auth.reference.servicer import SessionStore, serve
 
 PLATFORM_PROTO = """
 syntax = "proto3";

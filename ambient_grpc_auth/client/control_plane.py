@@ -1,0 +1,322 @@
+"""The control-plane token source: trade a session proof for an API token.
+
+``GET <url>`` with ``Authorization: Bearer <proof>`` where the proof is the
+session id encrypted under the control plane's RSA public key
+(:mod:`ambient_grpc_auth.proof`); the answer is
+``{"token": "...", "expires_at": "<RFC 3339>"}`` (``expires_at`` optional:
+older control planes omit it, and the token's JWT ``exp`` is used instead).
+
+Failure handling, shared by the sync and async paths:
+
+- connection errors, timeouts, 408, 429 and 5xx are retried up to
+  ``attempts`` times in total with capped exponential backoff and jitter;
+  the resulting error is ``retryable=True``;
+- 401/403 (the proof was refused), other 4xx and 3xx (redirects are never
+  followed: they would carry the proof elsewhere) are not retried:
+  ``retryable=False``;
+- a 200 whose body is not a JSON object with a non-empty string ``token`` is
+  not retried and is ``retryable=False``: it means the URL points at
+  something that is not a token endpoint, which waiting will not fix;
+- an oversized response (more than ``max_response_bytes``) likewise.
+
+Errors name the endpoint (without its query), the HTTP status and a short
+excerpt of an error body scrubbed of anything bearer-like. They never contain
+the proof, the session id or a token; 200 bodies are never quoted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
+from ambient_grpc_auth._http import (
+    HttpResponse,
+    TransportError,
+    excerpt,
+    get_async,
+    get_sync,
+    parse_rfc3339,
+    safe_url,
+    validate_http_url,
+)
+from ambient_grpc_auth._version import __version__
+from ambient_grpc_auth.client.tokens import Token, jwt_expiry
+from ambient_grpc_auth.controlplane.keys import load_public_key
+from ambient_grpc_auth.errors import ConfigurationError, KeyFileError, TokenUnavailableError
+from ambient_grpc_auth.proof import encrypt_v1, encrypt_v2
+
+__all__ = [
+    "CP_PUBLIC_KEY_ENV",
+    "CP_TOKEN_URL_ENV",
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "SESSION_ID_ENV",
+    "ControlPlaneTokenSource",
+    "ProofVersion",
+]
+
+_log = logging.getLogger(__name__)
+
+CP_TOKEN_URL_ENV = "AMBIENT_CP_TOKEN_URL"  # noqa: S105 (a variable name)
+CP_PUBLIC_KEY_ENV = "AMBIENT_CP_TOKEN_PUBLIC_KEY"
+SESSION_ID_ENV = "SESSION_ID"
+DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
+_MAX_TOKEN_CHARS = 16 * 1024
+_RETRY_STATUSES = frozenset({408, 429})
+
+ProofVersion = Literal["v1", "v2"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    message: str
+    retryable: bool  # may a later attempt succeed?
+    status: int | None = None
+
+
+class ControlPlaneTokenSource:
+    """Fetches runner tokens from the control plane's ``/token`` endpoint.
+
+    ``public_key`` is PEM text (or base64 of PEM, as passed through
+    environment variables) or an ``RSAPublicKey``. ``proof`` selects the
+    proof format: ``"v2"`` (default; replay resistant) or ``"v1"`` (the
+    platform's original format, for control planes that only accept it).
+    ``timeout`` bounds each attempt; ``attempts`` counts all tries; the
+    delay before retry *n* is drawn from [d/2, d] with
+    ``d = min(backoff_cap, backoff_base * 2**(n-1))``. ``sleep`` and
+    ``async_sleep`` are injectable for tests.
+
+    Every call performs a fetch: wrap the source in a
+    :class:`~ambient_grpc_auth.client.caching.CachingTokenSource`. Environment
+    proxies are ignored. Thread-safe (no shared mutable state besides the
+    random generator). Raises :class:`ConfigurationError` at construction for
+    a bad URL, key or session id, and :class:`TokenUnavailableError` from
+    ``get_token``/``get_token_async``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        public_key: str | bytes | rsa.RSAPublicKey,
+        session_id: str,
+        *,
+        proof: ProofVersion = "v2",
+        timeout: float = 10.0,
+        attempts: int = 3,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 5.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        clock: Clock = SYSTEM_CLOCK,
+        sleep: Callable[[float], object] = time.sleep,
+        async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._parts = validate_http_url(url, what="control-plane token URL")
+        self.url = url
+        self.endpoint = safe_url(self._parts)
+        if isinstance(public_key, str | bytes):
+            try:
+                public_key = load_public_key(public_key, source="control-plane public key")
+            except KeyFileError as exc:
+                raise ConfigurationError(str(exc)) from None
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            raise ConfigurationError("control-plane public key must be an RSA public key")
+        if proof not in ("v1", "v2"):
+            raise ConfigurationError('proof must be "v1" or "v2"')
+        if not isinstance(session_id, str) or not session_id.strip():
+            raise ConfigurationError("session id is empty")
+        if not session_id.isprintable() or any(c.isspace() for c in session_id):
+            raise ConfigurationError("session id contains whitespace or control characters")
+        if not (timeout > 0 and math.isfinite(timeout)) or attempts < 1:
+            raise ConfigurationError("timeout must be positive and attempts at least 1")
+        if backoff_base < 0 or backoff_cap < backoff_base or max_response_bytes < 1:
+            raise ConfigurationError("need 0 <= backoff_base <= backoff_cap, max bytes >= 1")
+        self._key = public_key
+        self._session_id = session_id
+        self.proof = proof
+        self.timeout = timeout
+        self.attempts = attempts
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._max_bytes = max_response_bytes
+        self._clock = clock
+        self._sleep = sleep
+        self._async_sleep = async_sleep
+        self._rng = rng or random.Random()
+        self._proof()  # fails now, not at the first fetch, if the id does not fit the key
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        proof: ProofVersion = "v2",
+        clock: Clock = SYSTEM_CLOCK,
+        timeout: float = 10.0,
+        attempts: int = 3,
+    ) -> ControlPlaneTokenSource:
+        """Build from ``AMBIENT_CP_TOKEN_URL``, ``AMBIENT_CP_TOKEN_PUBLIC_KEY``
+        (PEM text) and ``SESSION_ID``; ConfigurationError names what is missing."""
+        env = os.environ if environ is None else environ
+        url = env.get(CP_TOKEN_URL_ENV, "").strip()
+        pem = env.get(CP_PUBLIC_KEY_ENV, "").strip()
+        session_id = env.get(SESSION_ID_ENV, "").strip()
+        missing = [
+            name
+            for name, value in (
+                (CP_TOKEN_URL_ENV, url),
+                (CP_PUBLIC_KEY_ENV, pem),
+                (SESSION_ID_ENV, session_id),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigurationError(
+                f"control-plane token source needs {', '.join(missing)} to be set"
+            )
+        return cls(
+            url, pem, session_id, proof=proof, clock=clock, timeout=timeout, attempts=attempts
+        )
+
+    def __repr__(self) -> str:
+        return f"ControlPlaneTokenSource(endpoint={self.endpoint!r}, proof={self.proof!r})"
+
+    # --- pure parts ---------------------------------------------------------
+
+    def _proof(self) -> str:
+        if self.proof == "v1":
+            return encrypt_v1(self._key, self._session_id)
+        return encrypt_v2(self._key, self._session_id, now=self._clock.time())
+
+    def _headers(self, proof: str) -> dict[str, str]:
+        return {
+            "Authorization": "Bearer " + proof,
+            "Accept": "application/json",
+            "User-Agent": f"ambient-grpc-auth/{__version__}",
+        }
+
+    def _interpret(self, response: HttpResponse, proof: str) -> Token | _Failure:
+        status = response.status
+        if status == 200:
+            return _parse_body(response.body)
+        detail = excerpt(response.body, secrets=(proof,))
+        message = f"HTTP {status}: {detail}"
+        if status >= 500 or status in _RETRY_STATUSES:
+            return _Failure(message, retryable=True, status=status)
+        if 300 <= status < 400:
+            message = f"HTTP {status} (redirects are not followed)"
+        return _Failure(message, retryable=False, status=status)
+
+    def _delay(self, attempt: int) -> float:
+        ceiling = min(self._backoff_cap, self._backoff_base * (2.0 ** min(attempt - 1, 32)))
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def _error(self, failure: _Failure, attempt: int) -> TokenUnavailableError:
+        tries = f"{attempt} attempt" + ("s" if attempt > 1 else "")
+        return TokenUnavailableError(
+            f"control-plane token request to {self.endpoint} failed after {tries}: "
+            f"{failure.message}",
+            retryable=failure.retryable,
+            status=failure.status,
+        )
+
+    def _transport_failure(self, exc: TransportError) -> _Failure:
+        return _Failure(exc.description, retryable=exc.retryable)
+
+    # --- drivers ------------------------------------------------------------
+
+    def get_token(self) -> Token:
+        """Fetch a token (blocking; up to ``attempts`` HTTP requests)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            proof = self._proof()
+            try:
+                response = get_sync(
+                    self.url, self._headers(proof), timeout=self.timeout, max_bytes=self._max_bytes
+                )
+                outcome = self._interpret(response, proof)
+            except TransportError as exc:
+                outcome = self._transport_failure(exc)
+            if isinstance(outcome, Token):
+                return outcome
+            if not outcome.retryable or attempt >= self.attempts:
+                raise self._error(outcome, attempt)
+            delay = self._delay(attempt)
+            _log.info(
+                "control-plane token request failed (%s); retrying in %.2fs",
+                outcome.message,
+                delay,
+            )
+            self._sleep(delay)
+
+    async def get_token_async(self) -> Token:
+        """As :meth:`get_token`, on aiohttp; never blocks the event loop."""
+        attempt = 0
+        while True:
+            attempt += 1
+            proof = self._proof()
+            try:
+                response = await get_async(
+                    self.url,
+                    self._headers(proof),
+                    time_limit=self.timeout,
+                    max_bytes=self._max_bytes,
+                )
+                outcome = self._interpret(response, proof)
+            except TransportError as exc:
+                outcome = self._transport_failure(exc)
+            if isinstance(outcome, Token):
+                return outcome
+            if not outcome.retryable or attempt >= self.attempts:
+                raise self._error(outcome, attempt)
+            delay = self._delay(attempt)
+            _log.info(
+                "control-plane token request failed (%s); retrying in %.2fs",
+                outcome.message,
+                delay,
+            )
+            await self._async_sleep(delay)
+
+
+def _parse_body(body: bytes) -> Token | _Failure:
+    """The token from a 200 body. The body itself is never quoted: it may hold
+    a token even when malformed."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _Failure("HTTP 200 with a body that is not JSON", retryable=False, status=200)
+    if not isinstance(doc, dict):
+        return _Failure("HTTP 200 with JSON that is not an object", retryable=False, status=200)
+    value = doc.get("token")
+    if not isinstance(value, str) or not value:
+        return _Failure("HTTP 200 without a token", retryable=False, status=200)
+    if (
+        len(value) > _MAX_TOKEN_CHARS
+        or not value.isascii()
+        or not value.isprintable()
+        or " " in value
+    ):
+        return _Failure("HTTP 200 with a malformed token", retryable=False, status=200)
+    expires_at: float | None = None
+    raw = doc.get("expires_at")
+    if isinstance(raw, str) and raw:
+        try:
+            expires_at = parse_rfc3339(raw)
+        except (ValueError, OverflowError):
+            _log.warning("control plane sent an unparseable expires_at; using the token's exp")
+    elif raw is not None:
+        _log.warning("control plane sent a non-string expires_at; using the token's exp")
+    if expires_at is None:
+        expires_at = jwt_expiry(value)
+    return Token(value, expires_at)

@@ -1,0 +1,282 @@
+"""Where a runner connects: target parsing, the plaintext policy, ChannelConfig."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ambient_grpc_auth.errors import ConfigurationError
+
+__all__ = [
+    "CA_CERT_FILE_ENV",
+    "DEFAULT_SERVICE_CA_FILE",
+    "DEFAULT_TARGET",
+    "GRPC_URL_ENV",
+    "USE_TLS_ENV",
+    "ChannelConfig",
+    "Locality",
+    "ParsedTarget",
+    "check_target",
+    "parse_target",
+]
+
+GRPC_URL_ENV = "AMBIENT_GRPC_URL"
+USE_TLS_ENV = "AMBIENT_GRPC_USE_TLS"
+CA_CERT_FILE_ENV = "AMBIENT_GRPC_CA_CERT_FILE"
+DEFAULT_TARGET = "ambient-api-server:9000"
+DEFAULT_SERVICE_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/service-ca.crt"
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off", ""})
+_MAX_TARGET_CHARS = 1024
+# A CA bundle larger than this is a mistake (wrong file), not a bundle.
+_MAX_CA_FILE_BYTES = 1024 * 1024
+_HOSTNAME = re.compile(
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?"
+)
+_SHORT_SERVICE_NAME = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+class Locality(enum.Enum):
+    """Where a target is, as far as the plaintext policy is concerned."""
+
+    LOOPBACK = "loopback"
+    CLUSTER = "cluster"
+    REMOTE = "remote"
+
+    @property
+    def plaintext_allowed(self) -> bool:
+        return self is not Locality.REMOTE
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTarget:
+    """A gRPC target split for the policy: its host(s), port and locality.
+
+    ``hosts`` is empty for Unix sockets and for resolver schemes whose hosts
+    cannot be known here (those count as REMOTE).
+    """
+
+    target: str
+    hosts: tuple[str, ...]
+    port: int | None
+    locality: Locality
+
+
+def _bad(target: str, why: str) -> ConfigurationError:
+    # Targets are configuration, not secrets: quoting them helps the operator.
+    return ConfigurationError(f"invalid gRPC target {target!r}: {why}")
+
+
+def _parse_port(target: str, text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 0 < int(text) < 65536:
+        raise _bad(target, "port must be a number from 1 to 65535")
+    return int(text)
+
+
+def _split_host_port(target: str, text: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise _bad(target, "unclosed '[' in IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise _bad(target, "unexpected text after ']'")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _bad(target, "bracketed host is not an IPv6 address") from None
+        return host, _parse_port(target, rest[1:]) if rest else None
+    if text.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise _bad(target, "IPv6 addresses with a port must be written [addr]:port") from None
+        return text, None
+    host, sep, port_text = text.partition(":")
+    if not host:
+        raise _bad(target, "missing host")
+    if not _HOSTNAME.fullmatch(host) or len(host) > 253:
+        raise _bad(target, "host is not a valid DNS name or IP address")
+    return host, _parse_port(target, port_text) if sep else None
+
+
+def _host_locality(host: str) -> Locality:
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if ip.is_loopback:
+            return Locality.LOOPBACK
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return Locality.LOOPBACK if ip.ipv4_mapped.is_loopback else Locality.REMOTE
+        return Locality.REMOTE
+    name = host.lower().rstrip(".")
+    if name == "localhost":
+        return Locality.LOOPBACK
+    if "." not in name:
+        # Must start with a letter: numeric forms such as "167772161" or
+        # "0x7f000001" are IP addresses to the system resolver.
+        return Locality.CLUSTER if _SHORT_SERVICE_NAME.fullmatch(name) else Locality.REMOTE
+    if name.endswith((".svc", ".cluster.local")):
+        return Locality.CLUSTER
+    return Locality.REMOTE
+
+
+def _least_local(hosts: Sequence[str]) -> Locality:
+    localities = {_host_locality(h) for h in hosts}
+    for loc in (Locality.REMOTE, Locality.CLUSTER, Locality.LOOPBACK):
+        if loc in localities:
+            return loc
+    return Locality.REMOTE
+
+
+def parse_target(target: str) -> ParsedTarget:
+    """Parse a gRPC target: ``host[:port]``, ``[v6]:port``, ``dns:[//authority/]host[:port]``,
+    ``ipv4:addr[:port][,...]``, ``ipv6:[addr]:port[,...]``, ``unix:path``,
+    ``unix-abstract:name``. Other ``scheme://`` targets are accepted with unknown
+    hosts (REMOTE). Raises :class:`ConfigurationError` for malformed targets and
+    for http(s) URLs.
+    """
+    if not isinstance(target, str):
+        raise ConfigurationError("gRPC target must be a string")
+    text = target.strip()
+    if not text:
+        raise ConfigurationError("gRPC target is empty")
+    if len(text) > _MAX_TARGET_CHARS or not text.isascii() or not text.isprintable():
+        raise ConfigurationError("gRPC target is too long or contains invalid characters")
+    if " " in text:
+        raise _bad(text, "contains spaces")
+    lower = text.lower()
+    if lower.startswith(("unix:", "unix-abstract:")):
+        return ParsedTarget(text, (), None, Locality.LOOPBACK)
+    if lower.startswith(("http://", "https://")):
+        raise _bad(text, "use host:port (TLS is chosen separately), not an http(s) URL")
+    if lower.startswith("dns:"):
+        rest = text[4:]
+        if rest.startswith("//"):
+            _authority, slash, rest = rest[2:].partition("/")
+            if not slash:
+                raise _bad(text, "dns:// target needs '/host' after the authority")
+        host, port = _split_host_port(text, rest)
+        return ParsedTarget(text, (host,), port, _host_locality(host))
+    if lower.startswith(("ipv4:", "ipv6:")):
+        family = ipaddress.IPv4Address if lower.startswith("ipv4:") else ipaddress.IPv6Address
+        hosts: list[str] = []
+        ports: set[int | None] = set()
+        for part in text[5:].split(","):
+            host, port = _split_host_port(text, part)
+            try:
+                family(host)
+            except ValueError:
+                raise _bad(text, f"{host!r} is not an address of the scheme's family") from None
+            hosts.append(host)
+            ports.add(port)
+        port = ports.pop() if len(ports) == 1 else None
+        return ParsedTarget(text, tuple(hosts), port, _least_local(hosts))
+    if "://" in text:
+        return ParsedTarget(text, (), None, Locality.REMOTE)
+    host, port = _split_host_port(text, text)
+    return ParsedTarget(text, (host,), port, _host_locality(host))
+
+
+def check_target(target: str, *, tls: bool, allow_insecure_remote: bool = False) -> ParsedTarget:
+    """Parse ``target`` and apply the plaintext policy (see the module docs).
+
+    Raises :class:`ConfigurationError` when the target is malformed, or when
+    ``tls`` is False, the target is not loopback or cluster-local and
+    ``allow_insecure_remote`` is False.
+    """
+    parsed = parse_target(target)
+    if tls or allow_insecure_remote or parsed.locality.plaintext_allowed:
+        return parsed
+    where = ", ".join(repr(h) for h in parsed.hosts) or repr(parsed.target)
+    raise ConfigurationError(
+        f"refusing to send bearer tokens in plaintext to {where}: enable TLS "
+        f"({USE_TLS_ENV}=true / tls=True) or pass allow_insecure_remote=True. Plaintext is "
+        "allowed only to loopback (localhost, 127.0.0.0/8, ::1, unix sockets) and "
+        "cluster-local hosts (short names, *.svc, *.cluster.local)"
+    )
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(f"{name} must be one of true/false/1/0/yes/no/on/off")
+
+
+def _read_ca_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(_MAX_CA_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read CA certificate file {path!r}: {exc.strerror or type(exc).__name__}"
+        ) from None
+    if len(data) > _MAX_CA_FILE_BYTES:
+        raise ConfigurationError(f"CA certificate file {path!r} is larger than 1 MiB")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigurationError(f"CA certificate file {path!r} contains no PEM certificate")
+    return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelConfig:
+    """Where and how a runner connects. Validated at construction: a
+    malformed target or a plaintext target outside the policy raises
+    :class:`ConfigurationError`, as does ``ca_cert_file`` without ``tls``."""
+
+    target: str = DEFAULT_TARGET
+    tls: bool = False
+    ca_cert_file: str | None = None
+    allow_insecure_remote: bool = False
+
+    def __post_init__(self) -> None:
+        check_target(self.target, tls=self.tls, allow_insecure_remote=self.allow_insecure_remote)
+        if self.ca_cert_file is not None and not self.tls:
+            raise ConfigurationError("ca_cert_file is only used with tls=True")
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        allow_insecure_remote: bool = False,
+        service_ca_file: str = DEFAULT_SERVICE_CA_FILE,
+    ) -> ChannelConfig:
+        """Read ``AMBIENT_GRPC_URL``, ``AMBIENT_GRPC_USE_TLS`` and
+        ``AMBIENT_GRPC_CA_CERT_FILE`` from ``environ`` (default ``os.environ``).
+
+        With TLS and no CA file set, ``service_ca_file`` is used if it exists,
+        else the system roots. The CA file is read by :meth:`create_channel`.
+        """
+        env = os.environ if environ is None else environ
+        target = env.get(GRPC_URL_ENV, "").strip() or DEFAULT_TARGET
+        tls = _parse_bool(USE_TLS_ENV, env.get(USE_TLS_ENV, ""))
+        ca_file: str | None = None
+        if tls:
+            ca_file = env.get(CA_CERT_FILE_ENV, "").strip() or None
+            if ca_file is None and os.path.isfile(service_ca_file):
+                ca_file = service_ca_file
+        return cls(
+            target=target,
+            tls=tls,
+            ca_cert_file=ca_file,
+            allow_insecure_remote=allow_insecure_remote,
+        )
+
+    def root_certificates(self) -> bytes | None:
+        """The PEM roots to trust (None: system roots). Raises
+        :class:`ConfigurationError` if the CA file cannot be read or holds no
+        certificate."""
+        if not self.tls or self.ca_cert_file is None:
+            return None
+        return _read_ca_file(self.ca_cert_file)

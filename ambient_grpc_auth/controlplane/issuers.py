@@ -1,0 +1,191 @@
+"""Token issuers: what the control plane hands a runner once its proof is accepted.
+
+- :class:`JwtIssuer` mints a short-lived RS256 JWT scoped to the session, signed
+  with the control plane's signing key and verifiable through its JWKS.
+- :class:`~ambient_grpc_auth.controlplane.oidc_issuer.OidcClientCredentialsIssuer` (in
+  :mod:`ambient_grpc_auth.controlplane.oidc_issuer`) obtains a service token from an
+  upstream OAuth2/OIDC provider instead.
+
+Both implement :class:`TokenIssuer`. An issuer that cannot produce a token
+raises :class:`TokenIssueError`, which the token endpoint answers with 500 and
+a short fixed body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, runtime_checkable
+
+import jwt
+
+from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
+from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
+from ambient_grpc_auth.controlplane.signing import SIGNING_ALGORITHM, SigningKeySet, jwks
+from ambient_grpc_auth.errors import AmbientAuthError, ConfigurationError
+
+__all__ = [
+    "DEFAULT_AUDIENCE",
+    "DEFAULT_SUBJECT",
+    "DEFAULT_TTL_SECONDS",
+    "IssuedToken",
+    "JwtIssuer",
+    "TokenIssueError",
+    "TokenIssuer",
+    "format_rfc3339",
+]
+
+#: The identity runner tokens are issued to, as the API server sees it.
+DEFAULT_SUBJECT = "system:serviceaccount:ambient-code:ambient-runner"
+DEFAULT_AUDIENCE = "ambient-api-server"
+DEFAULT_TTL_SECONDS = 900.0
+#: Issued tokens never live longer than this, whatever is configured.
+MAX_TTL_SECONDS = 24 * 3600.0
+#: How long past its last token's expiry a retired key stays in the JWKS:
+#: covers verifiers that accept ``exp`` with some leeway.
+RETIRED_KEY_GRACE_SECONDS = 60.0
+
+
+def format_rfc3339(moment: datetime) -> str:
+    """``2026-11-29T10:00:00Z``: UTC, whole seconds (the wire format of ``expires_at``)."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token and its expiry (timezone-aware, UTC). The repr hides the token."""
+
+    token: str = field(repr=False)
+    expires_at: datetime
+
+    def to_json(self) -> dict[str, str]:
+        """The 200 body of ``GET /token``."""
+        return {"token": self.token, "expires_at": format_rfc3339(self.expires_at)}
+
+
+class TokenIssueError(AmbientAuthError):
+    """No token could be issued (upstream failure, no key...). The message is
+    safe to log: it never contains a token, secret or proof."""
+
+
+@runtime_checkable
+class TokenIssuer(Protocol):
+    """Issues a token for a session whose proof has been accepted.
+
+    Implementations must be safe for concurrent use from one event loop, must
+    raise :class:`TokenIssueError` (and nothing else on purpose) when no token
+    can be issued, and must not log the token.
+    """
+
+    async def issue(self, session_id: str) -> IssuedToken: ...
+
+
+class JwtIssuer:
+    """Mints RS256 JWTs for runners.
+
+    Claims: ``iss``, ``aud``, ``sub``, ``iat``, ``nbf``, ``exp`` (``iat + ttl``),
+    a random ``jti``, ``session_id`` (:data:`~ambient_grpc_auth.claims.SESSION_ID_CLAIM`)
+    and ``token_use`` = :data:`~ambient_grpc_auth.claims.RUNNER_TOKEN_USE`. The
+    header carries the signing key's ``kid`` (its RFC 7638 thumbprint).
+
+    ``signing_keys`` is a fixed :class:`SigningKeySet` or a callable returning
+    the current one (e.g. a :class:`~ambient_grpc_auth.controlplane.keys.SigningKeyStore`
+    that follows rotations). Tokens are signed with the current key only;
+    :meth:`jwks` publishes the current key plus every retired key that may
+    still have unexpired tokens (retired less than ``ttl + 60 s`` ago).
+
+    Thread-safe. Signing costs one RSA-2048 private-key operation (~1-2 ms);
+    pass ``executor`` to run it off the event loop in :meth:`issue`.
+    """
+
+    def __init__(
+        self,
+        *,
+        signing_keys: SigningKeySet | Callable[[], SigningKeySet],
+        issuer: str,
+        audience: str | Sequence[str] = DEFAULT_AUDIENCE,
+        ttl: float = DEFAULT_TTL_SECONDS,
+        subject: str = DEFAULT_SUBJECT,
+        clock: Clock = SYSTEM_CLOCK,
+        retired_key_grace: float = RETIRED_KEY_GRACE_SECONDS,
+        executor: Executor | None = None,
+    ) -> None:
+        if not issuer:
+            raise ConfigurationError("JWT issuer: issuer is required")
+        aud: str | list[str] = audience if isinstance(audience, str) else list(audience)
+        if not aud or (isinstance(aud, list) and not all(aud)):
+            raise ConfigurationError("JWT issuer: audience is required")
+        if not 0 < ttl <= MAX_TTL_SECONDS:
+            raise ConfigurationError(
+                f"JWT issuer: ttl must be in (0, {int(MAX_TTL_SECONDS)}] seconds"
+            )
+        if not subject:
+            raise ConfigurationError("JWT issuer: subject is required")
+        self._keys: Callable[[], SigningKeySet] = (
+            (lambda: signing_keys) if isinstance(signing_keys, SigningKeySet) else signing_keys
+        )
+        self.issuer = issuer
+        self.audience = aud
+        self.ttl = float(ttl)
+        self.subject = subject
+        self._clock = clock
+        self._grace = retired_key_grace
+        self._executor = executor
+        self._jwks_lock = threading.Lock()
+        self._jwks_cache: tuple[tuple[str, ...], dict[str, Any]] | None = None
+
+    @property
+    def algorithms(self) -> list[str]:
+        return [SIGNING_ALGORITHM]
+
+    def issue_now(self, session_id: str) -> IssuedToken:
+        """Sign a token for ``session_id`` on the calling thread."""
+        now = int(self._clock.time())
+        exp = now + int(self.ttl)
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": self.subject,
+            "iat": now,
+            "nbf": now,
+            "exp": exp,
+            "jti": secrets.token_urlsafe(16),
+            SESSION_ID_CLAIM: session_id,
+            TOKEN_USE_CLAIM: RUNNER_TOKEN_USE,
+        }
+        key = self._keys().current
+        try:
+            token = jwt.encode(
+                claims, key.private_key, algorithm=SIGNING_ALGORITHM, headers={"kid": key.kid}
+            )
+        except Exception as exc:  # a broken key must not surface as a crash
+            raise TokenIssueError(f"signing failed ({type(exc).__name__})") from None
+        return IssuedToken(token=token, expires_at=datetime.fromtimestamp(exp, UTC))
+
+    async def issue(self, session_id: str) -> IssuedToken:
+        if self._executor is None:
+            return self.issue_now(session_id)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.issue_now, session_id)
+
+    def jwks(self) -> dict[str, Any]:
+        """The JWK Set to publish now (a fresh dict each call)."""
+        keys = self._keys().published(
+            now=self._clock.time(), max_token_ttl=self.ttl, grace=self._grace
+        )
+        kids = tuple(k.kid for k in keys)
+        with self._jwks_lock:
+            if self._jwks_cache is None or self._jwks_cache[0] != kids:
+                self._jwks_cache = (kids, jwks(keys))
+            doc = self._jwks_cache[1]
+        return {"keys": [dict(k) for k in doc["keys"]]}
+
+    def __repr__(self) -> str:
+        return f"JwtIssuer(issuer={self.issuer!r}, audience={self.audience!r}, ttl={self.ttl})"

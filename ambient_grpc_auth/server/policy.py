@@ -1,0 +1,393 @@
+"""Authorization policy for the API server (pure: no I/O, no gRPC calls).
+
+Everything here is shared by the sync interceptor
+(:mod:`ambient_grpc_auth.server.interceptor`) and its ``grpc.aio`` twin
+(:mod:`ambient_grpc_auth.server.aio.interceptor`):
+
+- :class:`CallerClassifier` turns an authenticated :class:`Principal` into a
+  user or a service caller (static token, ``GRPC_SERVICE_ACCOUNT``,
+  ``system:serviceaccount:<ns>:<name>`` patterns, runner tokens issued by our
+  control plane, which are scoped to one session).
+- :class:`OwnershipPolicy` holds one :class:`MethodRule` per full method name
+  and a default for methods without a rule; :func:`session_access` and
+  :func:`owner_access` decide a call from the principal, the session id found
+  in the request and, for users only, the session's owner.
+- :func:`bypass_services` builds the selector of methods served without
+  authentication (health and reflection by default).
+- :class:`AuthMetrics` counts decisions; :func:`rejection_status` maps a
+  rejection to the status code and the generic details the peer sees.
+
+Status split: UNAUTHENTICATED means no or bad credentials; PERMISSION_DENIED
+means authenticated but not allowed (including sessions that do not exist, so
+that existence is not revealed); UNAVAILABLE means the server could not decide
+right now (keys or owner lookup unavailable). The specific reason is a short
+fixed word, logged and counted server-side, never sent to the peer.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+import grpc
+
+from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
+from ambient_grpc_auth.errors import TokenRejectedError
+from ambient_grpc_auth.principal import CallerKind, Principal
+
+__all__ = [
+    "ALLOW_AUTHENTICATED",
+    "DEFAULT_BYPASS_SERVICES",
+    "DENY",
+    "MAX_SESSION_ID_CHARS",
+    "SESSION_SERVICE_RULES",
+    "Access",
+    "AuthMetrics",
+    "CallerClassifier",
+    "MethodRule",
+    "MetricsHook",
+    "MetricsSnapshot",
+    "OwnershipPolicy",
+    "bypass_services",
+    "default_bypass",
+    "owner_access",
+    "rejection_status",
+    "rule_session_id",
+    "session_access",
+]
+
+#: Longest session id the policy looks up; longer values are denied unread.
+MAX_SESSION_ID_CHARS = 256
+
+
+# --- caller classification --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallerClassifier:
+    """Decides whether an authenticated caller is a user or a service.
+
+    Rules, in order (the first that applies wins):
+
+    1. A principal that is already a service caller (the static token) stays one.
+    2. A token from one of ``control_plane_issuers`` whose ``token_use`` claim is
+       the runner value is a service caller scoped to its ``session_id`` claim.
+       Such a token without a usable ``session_id`` is rejected
+       (UNAUTHENTICATED, reason ``runner_without_session``): it would otherwise
+       fall through to broader rules.
+    3. A username in ``service_usernames`` (``GRPC_SERVICE_ACCOUNT``).
+    4. A username matching one of ``service_account_patterns``
+       (:func:`fnmatch.fnmatchcase`, e.g. ``system:serviceaccount:*:session-*-sa``).
+       When ``pattern_issuers`` is set, only principals from those issuers are
+       considered, so that a user-facing identity provider whose subjects users
+       can influence cannot mint a name that looks like a service account.
+    5. Everyone else is a user.
+
+    Immutable and thread-safe.
+    """
+
+    service_usernames: frozenset[str] = frozenset()
+    service_account_patterns: tuple[str, ...] = ()
+    pattern_issuers: frozenset[str] | None = None
+    control_plane_issuers: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        # Accept any iterable for convenience but store immutable forms.
+        object.__setattr__(self, "service_usernames", frozenset(self.service_usernames))
+        object.__setattr__(self, "service_account_patterns", tuple(self.service_account_patterns))
+        object.__setattr__(self, "control_plane_issuers", frozenset(self.control_plane_issuers))
+        if self.pattern_issuers is not None:
+            object.__setattr__(self, "pattern_issuers", frozenset(self.pattern_issuers))
+
+    def classify(self, principal: Principal) -> Principal:
+        """Return ``principal`` as a user or service caller.
+
+        Raises :class:`TokenRejectedError` for a runner token without a session.
+        """
+        if principal.kind is CallerKind.SERVICE:
+            return principal
+        claims = principal.claims
+        if (
+            principal.issuer is not None
+            and principal.issuer in self.control_plane_issuers
+            and claims.get(TOKEN_USE_CLAIM) == RUNNER_TOKEN_USE
+        ):
+            session_id = claims.get(SESSION_ID_CLAIM)
+            if not _valid_session_id(session_id):
+                raise TokenRejectedError("runner_without_session")
+            return _as_service(principal, session_scope=session_id)
+        if principal.username in self.service_usernames:
+            return _as_service(principal, session_scope=None)
+        if self.service_account_patterns and (
+            self.pattern_issuers is None or principal.issuer in self.pattern_issuers
+        ):
+            for pattern in self.service_account_patterns:
+                if fnmatch.fnmatchcase(principal.username, pattern):
+                    return _as_service(principal, session_scope=None)
+        return principal
+
+
+def _as_service(principal: Principal, *, session_scope: str | None) -> Principal:
+    return Principal(
+        username=principal.username,
+        kind=CallerKind.SERVICE,
+        session_scope=session_scope,
+        issuer=principal.issuer,
+        claims=principal.claims,
+    )
+
+
+def _valid_session_id(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_SESSION_ID_CHARS
+
+
+# --- ownership ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MethodRule:
+    """What a method requires once the caller is authenticated.
+
+    ``session_field`` names the request attribute that holds the session id;
+    the call is then allowed for service callers (session-scoped ones only on
+    their own session) and for the session's owner. ``None`` means any
+    authenticated caller. ``deny`` refuses every caller.
+    """
+
+    session_field: str | None = None
+    deny: bool = False
+
+    @classmethod
+    def session(cls, field_name: str) -> MethodRule:
+        """A rule reading the session id from ``field_name``."""
+        if not field_name:
+            raise ValueError("session field name must be non-empty")
+        return cls(session_field=field_name)
+
+
+#: Any authenticated caller may call the method.
+ALLOW_AUTHENTICATED = MethodRule()
+#: No caller may call the method.
+DENY = MethodRule(deny=True)
+
+_SESSION_SERVICE = "/ambient.v1.SessionService/"
+
+#: Default rules for ``ambient.v1.SessionService``.
+SESSION_SERVICE_RULES: Mapping[str, MethodRule] = MappingProxyType(
+    {
+        _SESSION_SERVICE + "GetSession": MethodRule.session("id"),
+        _SESSION_SERVICE + "CreateSession": ALLOW_AUTHENTICATED,
+        _SESSION_SERVICE + "PushSessionMessage": MethodRule.session("session_id"),
+        _SESSION_SERVICE + "WatchSessionMessages": MethodRule.session("session_id"),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwnershipPolicy:
+    """Per-method rules keyed by full method name (``/pkg.Service/Method``).
+
+    Methods without a rule get ``default`` (:data:`ALLOW_AUTHENTICATED` unless
+    configured otherwise; use :data:`DENY` for a closed server). Immutable.
+    """
+
+    rules: Mapping[str, MethodRule] = field(default_factory=lambda: SESSION_SERVICE_RULES)
+    default: MethodRule = ALLOW_AUTHENTICATED
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
+
+    def rule_for(self, method: str) -> MethodRule:
+        return self.rules.get(method, self.default)
+
+    def with_rules(self, extra: Mapping[str, MethodRule]) -> OwnershipPolicy:
+        """A copy with ``extra`` rules added (replacing same-named ones)."""
+        return OwnershipPolicy(rules={**self.rules, **extra}, default=self.default)
+
+
+class Access(enum.Enum):
+    """Outcome of :func:`session_access` before any owner lookup."""
+
+    ALLOW = "allow"
+    NEEDS_OWNER = "needs_owner"
+
+
+def session_access(principal: Principal, session_id: object) -> Access | str:
+    """Decide what is known without the owner.
+
+    Returns :attr:`Access.ALLOW`, :attr:`Access.NEEDS_OWNER` (a user: look the
+    owner up and call :func:`owner_access`), or a denial reason
+    (``missing_session_id``, ``out_of_scope``).
+    """
+    if not _valid_session_id(session_id):
+        return "missing_session_id"
+    if principal.kind is CallerKind.SERVICE:
+        if principal.session_scope is None or principal.session_scope == session_id:
+            return Access.ALLOW
+        return "out_of_scope"
+    return Access.NEEDS_OWNER
+
+
+def owner_access(principal: Principal, owner: str | None) -> str | None:
+    """``None`` when ``principal`` owns the session, else a denial reason.
+
+    An unknown or ownerless session (``owner is None``) is denied like a
+    foreign one, so that callers cannot probe which sessions exist.
+    """
+    if owner is None:
+        return "no_such_session"
+    if owner != principal.username:
+        return "not_owner"
+    return None
+
+
+def rule_session_id(rule: MethodRule, request: object) -> object:
+    """The session id a request carries for ``rule`` (``None`` if absent)."""
+    if rule.session_field is None:
+        return None
+    return getattr(request, rule.session_field, None)
+
+
+# --- bypass selector ---------------------------------------------------------
+
+#: Services served without authentication by default.
+DEFAULT_BYPASS_SERVICES: tuple[str, ...] = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+
+
+def bypass_services(services: Iterable[str]) -> Callable[[str], bool]:
+    """A selector that is true for every method of the named services
+    (exact service names, e.g. ``grpc.health.v1.Health``)."""
+    names = frozenset(services)
+
+    def selector(method: str) -> bool:
+        service, sep, _ = method[1:].rpartition("/")
+        return bool(sep) and method.startswith("/") and service in names
+
+    return selector
+
+
+#: Health checks and server reflection skip authentication.
+default_bypass: Callable[[str], bool] = bypass_services(DEFAULT_BYPASS_SERVICES)
+
+
+# --- metrics -----------------------------------------------------------------
+
+
+class MetricsHook(Protocol):
+    """Receives counts of the interceptor's decisions. Implementations must be
+    thread-safe and cheap (they run on every call) and must not raise."""
+
+    def allowed(self) -> None: ...
+
+    def bypassed(self) -> None: ...
+
+    def denied(self, reason: str) -> None: ...
+
+    def cache(self, hit: bool) -> None: ...
+
+    def jwks_fetch(self, ok: bool) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """A point-in-time copy of :class:`AuthMetrics`."""
+
+    allowed: int
+    bypassed: int
+    denied: Mapping[str, int]
+    cache_hits: int
+    cache_misses: int
+    jwks_fetches: int
+    jwks_fetch_failures: int
+
+    @property
+    def denied_total(self) -> int:
+        return sum(self.denied.values())
+
+
+class AuthMetrics:
+    """In-memory counters implementing :class:`MetricsHook`; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._allowed = 0
+        self._bypassed = 0
+        self._denied: dict[str, int] = {}
+        self._hits = 0
+        self._misses = 0
+        self._fetches = 0
+        self._fetch_failures = 0
+
+    def allowed(self) -> None:
+        with self._lock:
+            self._allowed += 1
+
+    def bypassed(self) -> None:
+        with self._lock:
+            self._bypassed += 1
+
+    def denied(self, reason: str) -> None:
+        with self._lock:
+            self._denied[reason] = self._denied.get(reason, 0) + 1
+
+    def cache(self, hit: bool) -> None:
+        with self._lock:
+            if hit:
+                self._hits += 1
+            else:
+                self._misses += 1
+
+    def jwks_fetch(self, ok: bool) -> None:
+        with self._lock:
+            self._fetches += 1
+            if not ok:
+                self._fetch_failures += 1
+
+    def snapshot(self) -> MetricsSnapshot:
+        with self._lock:
+            return MetricsSnapshot(
+                allowed=self._allowed,
+                bypassed=self._bypassed,
+                denied=MappingProxyType(dict(self._denied)),
+                cache_hits=self._hits,
+                cache_misses=self._misses,
+                jwks_fetches=self._fetches,
+                jwks_fetch_failures=self._fetch_failures,
+            )
+
+    def __repr__(self) -> str:
+        return f"AuthMetrics({self.snapshot()!r})"
+
+
+# --- rejection -> status -----------------------------------------------------
+
+_UNAUTH_MISSING = "authentication required"
+_UNAUTH_INVALID = "invalid credentials"
+_DENIED = "permission denied"
+_UNAVAILABLE = "authentication temporarily unavailable"
+
+
+def rejection_status(error: TokenRejectedError) -> tuple[grpc.StatusCode, str]:
+    """The status code and generic details the peer sees for ``error``.
+
+    Details are fixed strings chosen by code; the reason is never included.
+    Codes other than PERMISSION_DENIED and UNAVAILABLE become UNAUTHENTICATED,
+    so that no rejection can surface as INTERNAL or OK.
+    """
+    code = error.code
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return code, _DENIED
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return code, _UNAVAILABLE
+    if error.reason == "missing":
+        return grpc.StatusCode.UNAUTHENTICATED, _UNAUTH_MISSING
+    return grpc.StatusCode.UNAUTHENTICATED, _UNAUTH_INVALID

@@ -1,0 +1,302 @@
+"""Child processes of the benchmark (``python -m bench.child``).
+
+The benchmark runs as one process tree: the bench process drives the clients
+and starts these children, which talk to it over stdin/stdout (one JSON
+document per line) and exit when their stdin closes.
+
+- ``serve sync`` / ``serve aio``: the gRPC servers under test, all on
+  127.0.0.1 port 0, in a process of their own so that client and server work
+  do not share one interpreter lock (as in production, where the runner and
+  the API server are separate processes). Reads one spec line, answers
+  ``{"ports": {...}}``, then answers ``{"cmd": "cpu"}`` lines with its CPU
+  time so that the bench can split each call's cost between the sides.
+- ``http-load``: a load generator for the token endpoint. Reads
+  ``{"url", "proofs", "concurrency"}`` lines, answers
+  ``{"elapsed", "statuses"}`` per line.
+- ``cache-rss N``: fills a fresh verified-token cache with N distinct tokens
+  and reports the resident memory growth.
+
+Not part of the library's API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import json
+import os
+import resource
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from concurrent import futures
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from ambient_grpc_auth.principal import CallerKind, Principal
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2_grpc
+from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from ambient_grpc_auth.server.tokencache import VerifiedTokenCache
+from bench.fixtures import (
+    AUDIENCE,
+    ISSUER,
+    KID,
+    AsyncEchoServicer,
+    EchoServicer,
+    NaiveJwtInterceptor,
+    ours_config,
+)
+
+__all__ = ["cache_rss", "http_load", "main", "rss_kib"]
+
+_LOOPBACK = "127.0.0.1:0"
+_LOCAL_TCP = grpc.LocalConnectionType.LOCAL_TCP
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+def _cpu_seconds() -> float:
+    # Nanosecond resolution (os.times() counts 10 ms ticks).
+    return time.process_time()
+
+
+def _answer_until_eof() -> None:
+    """Answer ``{"cmd": "cpu"}`` with this process's CPU seconds (user +
+    system, all threads) until stdin closes."""
+    for line in sys.stdin:
+        if json.loads(line).get("cmd") == "cpu":
+            _emit({"cpu": _cpu_seconds()})
+
+
+# --- gRPC servers -------------------------------------------------------------
+
+
+def _sync_server(
+    workers: int, interceptors: list[grpc.ServerInterceptor], local: bool
+) -> tuple[grpc.Server, int]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-server"),
+        interceptors=interceptors,
+    )
+    echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(), server)  # type: ignore[no-untyped-call]
+    if local:
+        port = server.add_secure_port(_LOOPBACK, grpc.local_server_credentials(_LOCAL_TCP))
+    else:
+        port = server.add_insecure_port(_LOOPBACK)
+    server.start()
+    return server, port
+
+
+def _serve_sync(spec: dict[str, Any]) -> None:
+    workers = int(spec["workers"])
+    pem, owners = spec["public_pem"], spec["owners"]
+
+    def ours() -> list[grpc.ServerInterceptor]:
+        # One configuration (and verified-token cache) per server.
+        return [ServerAuthInterceptor(config=ours_config(pem, owners, inline_lookup=False))]
+
+    plan: dict[str, tuple[list[grpc.ServerInterceptor], bool]] = {
+        "bare": ([], False),
+        "ours": (ours(), False),
+        "naive": ([NaiveJwtInterceptor(public_pem=pem, owners=owners)], False),
+        "bare_local": ([], True),
+        "ours_local": (ours(), True),
+    }
+    servers: list[grpc.Server] = []
+    ports: dict[str, int] = {}
+    try:
+        for name, (interceptors, local) in plan.items():
+            server, ports[name] = _sync_server(workers, interceptors, local)
+            servers.append(server)
+        _emit({"ports": ports})
+        _answer_until_eof()
+    finally:
+        for server in servers:
+            server.stop(grace=1.0).wait(5.0)
+
+
+async def _serve_aio(spec: dict[str, Any]) -> None:
+    pem, owners = spec["public_pem"], spec["owners"]
+    interceptor = AioServerAuthInterceptor(config=ours_config(pem, owners, inline_lookup=True))
+    plan: dict[str, list[grpc.aio.ServerInterceptor]] = {
+        "aio_bare": [],
+        "aio_ours": [interceptor],
+    }
+    servers: list[grpc.aio.Server] = []
+    ports: dict[str, int] = {}
+    try:
+        for name, interceptors in plan.items():
+            server = grpc.aio.server(interceptors=interceptors)
+            echo_pb2_grpc.add_EchoServiceServicer_to_server(AsyncEchoServicer(), server)  # type: ignore[no-untyped-call]
+            ports[name] = server.add_insecure_port(_LOOPBACK)
+            await server.start()
+            servers.append(server)
+        _emit({"ports": ports})
+        await asyncio.to_thread(_answer_until_eof)
+    finally:
+        for server in servers:
+            await server.stop(grace=1.0)
+
+
+# --- token endpoint load ------------------------------------------------------
+
+
+async def http_load(
+    url: str, proofs: Sequence[str], concurrency: int
+) -> tuple[float, dict[str, int]]:
+    """GET ``url`` once per proof with ``concurrency`` connections; returns
+    (elapsed seconds, status counts). Connections are opened before timing."""
+    import aiohttp
+
+    statuses: dict[str, int] = {}
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        health = url.rsplit("/", 1)[0] + "/healthz"
+
+        async def warm() -> None:
+            async with session.get(health) as response:
+                await response.read()
+
+        await asyncio.gather(*(warm() for _ in range(concurrency)))
+        queue = list(reversed(proofs))
+
+        async def worker() -> None:
+            while queue:
+                proof = queue.pop()
+                headers = {"Authorization": "Bearer " + proof}
+                async with session.get(url, headers=headers) as response:
+                    await response.read()
+                    key = str(response.status)
+                    statuses[key] = statuses.get(key, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return elapsed, statuses
+
+
+def _serve_http_load() -> None:
+    for line in sys.stdin:
+        job = json.loads(line)
+        elapsed, statuses = asyncio.run(
+            http_load(job["url"], job["proofs"], int(job["concurrency"]))
+        )
+        _emit({"elapsed": elapsed, "statuses": statuses})
+
+
+# --- verified-token cache memory ------------------------------------------------
+
+
+def rss_kib() -> int:
+    """This process's resident set size in KiB (peak RSS where /proc is absent)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def cache_rss(count: int) -> dict[str, Any]:
+    """Insert ``count`` distinct unexpired tokens into a default-bound cache,
+    each with the principal the JWT authenticator builds for it; report RSS.
+
+    Tokens are assembled with a random signature instead of being signed:
+    the cache keeps only their digests and principals, so memory is the same,
+    and 100,000 RSA signatures would take minutes.
+    """
+    header = _b64(json.dumps({"alg": "RS256", "kid": KID, "typ": "JWT"}).encode())
+    signature = _b64(secrets.token_bytes(256))
+    now = int(time.time())
+    # The claims of mint_user_token, with per-token subject, jti and sid.
+    template = json.dumps(
+        {
+            "iss": ISSUER,
+            "aud": [AUDIENCE],
+            "sub": "@user",
+            "azp": "ambient-console",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "jti": "@jti",
+            "sid": "@sid",
+            "preferred_username": "@user",
+            "email": "@user@example.com",
+            "email_verified": True,
+            "name": "@name",
+            "groups": ["ambient-users", "team-platform"],
+        },
+        separators=(",", ":"),
+    )
+    run = secrets.token_hex(8)
+    cache = VerifiedTokenCache()
+    gc.collect()
+    before = rss_kib()
+    at_bound: int | None = None
+    longest = 0
+    for index in range(count):
+        user = f"user-{index:06d}"
+        payload = (
+            template.replace("@user", user)
+            .replace("@jti", f"{run}{index:024x}")
+            .replace("@sid", f"{run}-{index:012d}")
+            .replace("@name", f"User {index:06d}")
+        )
+        token = f"{header}.{_b64(payload.encode())}.{signature}"
+        longest = max(longest, len(token))
+        claims = json.loads(payload)  # a fresh dict, as PyJWT hands the authenticator
+        principal = Principal(
+            username=claims["sub"],
+            kind=CallerKind.USER,
+            issuer=ISSUER,
+            claims=MappingProxyType(claims),
+        )
+        cache.put(cache.key_for(token), principal, float(claims["exp"]))
+        if index + 1 == cache.max_entries:
+            gc.collect()
+            at_bound = rss_kib()
+    gc.collect()
+    after = rss_kib()
+    return {
+        "inserted": count,
+        "entries": len(cache),
+        "max_entries": cache.max_entries,
+        "token_chars": longest,
+        "rss_before_kib": before,
+        "rss_at_bound_kib": at_bound,
+        "rss_after_kib": after,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["serve"] and args[1:2] == ["sync"]:
+        _serve_sync(json.loads(sys.stdin.readline()))
+    elif args[:1] == ["serve"] and args[1:2] == ["aio"]:
+        asyncio.run(_serve_aio(json.loads(sys.stdin.readline())))
+    elif args[:1] == ["http-load"]:
+        _serve_http_load()
+    elif args[:1] == ["cache-rss"] and len(args) == 2:
+        _emit(cache_rss(int(args[1])))
+    else:
+        sys.stderr.write("usage: serve sync|aio | http-load | cache-rss N\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
