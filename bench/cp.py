@@ -163,7 +163,7 @@ def cache_hit_us(token: str, principal: Principal, *, iterations: int, repeats: 
 def cache_rss(count: int, timeout: float = 600.0) -> dict[str, Any]:
     """Run ``_bench_child cache-rss count`` in a fresh process (a clean heap)
     and return its report."""
-    done = subprocess.run(  # noqa: S603 (this interpreter, fixed module)
+    done = subprocess.run(
         [sys.executable, "-m", "bench.child", "cache-rss", str(count)],
         capture_output=True,
         text=True,

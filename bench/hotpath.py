@@ -35,7 +35,9 @@ from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.interceptor import AuthInterceptor as ClientInterceptor
 from ambient_grpc_auth.client.tokens import StaticTokenSource, Token
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2
-from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from bench.fixtures import (
     ECHO,

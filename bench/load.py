@@ -50,9 +50,9 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
 from ambient_grpc_auth import aio as aio_client
 from ambient_grpc_auth.client.aio import sessions as aio_sessions
-
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
 from ambient_grpc_auth.client.sessions import WatchRetryPolicy

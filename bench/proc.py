@@ -62,7 +62,7 @@ class ChildProcess:
 
     def __init__(self, *args: str) -> None:
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
-        self._proc = subprocess.Popen(  # noqa: S603 (this interpreter, fixed module)
+        self._proc = subprocess.Popen(
             [sys.executable, "-m", "bench.child", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

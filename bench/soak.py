@@ -92,10 +92,9 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
 from ambient_grpc_auth import aio as aio_client
 from ambient_grpc_auth.client.aio import sessions as aio_sessions
-from ambient_grpc_auth.reference.aio import servicer as aio_reference
-
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
 from ambient_grpc_auth.client.sessions import WatchRetryPolicy
@@ -106,6 +105,7 @@ from ambient_grpc_auth.controlplane.keys import ensure_keys
 from ambient_grpc_auth.controlplane.server import start_token_server
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+from ambient_grpc_auth.reference.aio import servicer as aio_reference
 from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.authn import TrustedIssuer

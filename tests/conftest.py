@@ -1,3 +1,3 @@
-"""Shared test configuration. Area-specific fixtures live in tests/_support_*.py."""
+"""Shared test configuration. Test support shared by several test folders lives in tests/support/."""
 
 from __future__ import annotations

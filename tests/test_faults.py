@@ -35,15 +35,14 @@ import grpc
 import grpc.aio
 import pytest
 from aiohttp import web
-from ambient_grpc_auth import aio as aio_client
-from ambient_grpc_auth.client.aio import sessions as aio_sessions
-from ambient_grpc_auth.reference.aio import servicer as aio_reference
 
+from ambient_grpc_auth import aio as aio_client
 from ambient_grpc_auth._clock import FakeClock
+from ambient_grpc_auth.client import sessions as sync_sessions
+from ambient_grpc_auth.client.aio import sessions as aio_sessions
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.channel import create_channel
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
-from ambient_grpc_auth.client.interceptor import sessions as sync_sessions
 from ambient_grpc_auth.client.sessions import WatchRetryPolicy
 from ambient_grpc_auth.client.tokens import StaticTokenSource
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
@@ -53,8 +52,11 @@ from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_toke
 from ambient_grpc_auth.errors import TokenUnavailableError
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-from ambient_grpc_auth.reference.servicer import servicer as reference
-from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.reference import servicer as reference
+from ambient_grpc_auth.reference.aio import servicer as aio_reference
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import API_TOKEN_ENV, ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor

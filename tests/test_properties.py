@@ -37,7 +37,6 @@ import grpc
 import grpc.aio
 import jwt
 import pytest
-from ambient_grpc_auth.reference.aio import servicer as aio_reference
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, assume, given, settings
@@ -61,8 +60,11 @@ from ambient_grpc_auth.proof import (
     max_plaintext_bytes,
 )
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-from ambient_grpc_auth.reference.servicer import servicer as reference
-from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.reference import servicer as reference
+from ambient_grpc_auth.reference.aio import servicer as aio_reference
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
 from ambient_grpc_auth.server.authn import (
     AuthenticatorChain,
     JwtAuthenticator,

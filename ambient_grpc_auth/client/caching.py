@@ -54,6 +54,7 @@ import threading
 from dataclasses import dataclass, replace
 
 from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
+from ambient_grpc_auth.client import _refresh
 from ambient_grpc_auth.client._refresh import (
     REFRESH_AHEAD_SECONDS,
     UNKNOWN_EXPIRY_MAX_AGE_SECONDS,
@@ -62,7 +63,6 @@ from ambient_grpc_auth.client._refresh import (
     ErrorInfo,
     RefreshPolicy,
 )
-from ambient_grpc_auth.client import _refresh
 from ambient_grpc_auth.client.tokens import Token, TokenSource
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 

@@ -22,7 +22,9 @@ from ambient_grpc_auth._shutdown import wait_for_stop_signal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2_grpc
 from ambient_grpc_auth.reference.aio.servicer import AsyncSessionServicer
 from ambient_grpc_auth.reference.servicer import SessionServicer, SessionStore
-from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _support_client import (
+from support.client import (
     CHAT_ECHO,
     COLLECT_ECHO,
     ECHO,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from _support_server import (
+from cryptography.hazmat.primitives.asymmetric import rsa
+from support.server import (
     AUDIENCE,
     IDP_ISSUER,
     JwksServer,
@@ -24,7 +25,6 @@ from _support_server import (
     public_pem,
     signing_key,
 )
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.controlplane import keys as cp_keys

@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable
 
 import pytest
-from _support_runner import FakeSource
+from support.runner import FakeSource
 
 from ambient_grpc_auth._clock import FakeClock
+from ambient_grpc_auth.client import _refresh, caching
 from ambient_grpc_auth.client._refresh import Action, CacheState, RefreshPolicy
 from ambient_grpc_auth.client.caching import REFRESH_AHEAD_SECONDS, CachingTokenSource
-from ambient_grpc_auth.client import _refresh, caching
 from ambient_grpc_auth.client.tokens import Token
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import grpc
 import grpc.aio
 import pytest
-from _support_server import (
+from support.server import (
     AUDIENCE,
     CP_ISSUER,
     CP_KID,
@@ -27,13 +27,15 @@ from _support_server import (
     runner_token,
     signing_key,
 )
-from ambient_grpc_auth.reference.aio import servicer as aio_reference
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-from ambient_grpc_auth.reference.servicer import servicer as reference
-from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.reference import servicer as reference
+from ambient_grpc_auth.reference.aio import servicer as aio_reference
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor

@@ -11,13 +11,13 @@ from typing import Any
 
 import grpc
 import pytest
-from _support_client import CountingSource, EchoServer, start_echo_server
-from ambient_grpc_auth import aio as aio_client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from support.client import CountingSource, EchoServer, start_echo_server
 
+from ambient_grpc_auth import aio as aio_client
 from ambient_grpc_auth.client.channel import create_channel, create_channel_from_env
 from ambient_grpc_auth.client.target import (
     DEFAULT_TARGET,

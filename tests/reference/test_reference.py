@@ -15,7 +15,9 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from _support_reference import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.reference import (
     AsyncPrincipalInterceptor,
     PrincipalInterceptor,
     as_service,
@@ -24,8 +26,6 @@ from _support_reference import (
     extra_threads,
     wait_until,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.errors import ConfigurationError

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from _support_client import (
+from support.client import (
     CHAT_ECHO,
     COLLECT_ECHO,
     ECHO,

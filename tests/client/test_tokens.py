@@ -7,14 +7,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from _support_runner import FakeSource, b64_pem, make_jwt, shared_public_pem
+from support.runner import FakeSource, b64_pem, make_jwt, shared_public_pem
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth._http import excerpt, parse_rfc3339
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
 from ambient_grpc_auth.client.env import token_source_from_env
-from ambient_grpc_auth.client.interceptor import tokens
 from ambient_grpc_auth.client.tokens import (
     ChainTokenSource,
     EnvTokenSource,
@@ -33,22 +32,6 @@ SECRET = "s3cr3t-value-that-must-not-leak"
 @pytest.fixture
 def public_pem() -> str:
     return shared_public_pem()
-
-
-def test_public_surface() -> None:
-    assert set(tokens.__all__) == {
-        "BOT_TOKEN_ENV",
-        "DEFAULT_SERVICE_ACCOUNT_TOKEN_PATH",
-        "ChainTokenSource",
-        "EnvTokenSource",
-        "FileTokenSource",
-        "RefreshableTokenSource",
-        "StaticTokenSource",
-        "Token",
-        "TokenSource",
-        "jwt_expiry",
-        "token_source_from_env",
-    }
 
 
 # --- Token ------------------------------------------------------------------

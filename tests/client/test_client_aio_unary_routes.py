@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from _support_client import (
+from support.client import (
     ECHO,
     CountingSource,
     EchoServer,

@@ -11,7 +11,9 @@ from typing import Any
 
 import grpc
 import pytest
-from _support_server import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.server import (
     AUDIENCE,
     ECHO,
     IDP_ISSUER,
@@ -24,18 +26,18 @@ from _support_server import (
     start_aio_server_in_thread,
     start_sync_server,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server import config as serverconfig
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
 from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig, _AuthEngine
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
-from ambient_grpc_auth.server import config as serverconfig
 from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
 from ambient_grpc_auth.server.tokencache import VerifiedTokenCache

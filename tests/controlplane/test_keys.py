@@ -13,9 +13,9 @@ from pathlib import Path
 
 import jwt
 import pytest
-from _support_cp import copy_keys, ensure_keys_worker, master_keys_dir
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from support.cp import copy_keys, ensure_keys_worker, master_keys_dir
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth._keyfiles import create_exclusive

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _support_server import (
+from support.server import (
     AUDIENCE,
     CP_ISSUER,
     ECHO,
@@ -33,7 +33,9 @@ from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import Principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
 from ambient_grpc_auth.server.authn import (
     AuthenticatorChain,
     JwtAuthenticator,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from _support_server import CP_ISSUER, JwksServer, other_key, signing_key
+from support.server import CP_ISSUER, JwksServer, other_key, signing_key
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.controlplane.issuers import DEFAULT_AUDIENCE, DEFAULT_SUBJECT, JwtIssuer

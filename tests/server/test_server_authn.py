@@ -11,7 +11,9 @@ from typing import Any
 import grpc
 import jwt
 import pytest
-from _support_server import (
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from support.server import (
     AUDIENCE,
     IDP_ISSUER,
     IDP_KID,
@@ -24,8 +26,6 @@ from _support_server import (
     other_key,
     signing_key,
 )
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError

@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 import grpc
 import pytest
-from _support_server import (
+from support.server import (
     AUDIENCE,
     ECHO,
     IDP_ISSUER,

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _support_runner import FakeSource, Reply, ScriptedServer, Seen
+from support.runner import FakeSource, Reply, ScriptedServer, Seen
 
+from ambient_grpc_auth.client import credentials
 from ambient_grpc_auth.client.credentials import (
     DEFAULT_BACKEND_URL,
     CredentialClient,
@@ -20,7 +21,6 @@ from ambient_grpc_auth.client.credentials import (
     check_backend_url,
     parse_credential_ids,
 )
-from ambient_grpc_auth.client.interceptor import credentials
 from ambient_grpc_auth.client.tokens import FileTokenSource, StaticTokenSource, Token
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 

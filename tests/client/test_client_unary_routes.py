@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from _support_client import (
+from support.client import (
     ECHO,
     CountingSource,
     EchoServer,

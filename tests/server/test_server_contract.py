@@ -15,7 +15,8 @@ from typing import Any
 
 import grpc
 import pytest
-from _support_server import (
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.server import (
     CP_ISSUER,
     CP_KID,
     ECHO,
@@ -39,12 +40,13 @@ from _support_server import (
     start_aio_server_in_thread,
     start_sync_server,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor as AioServerAuthInterceptor
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor

@@ -12,13 +12,13 @@ from pathlib import Path
 import jwt
 import pytest
 import pytest_asyncio
-from _support_runner import Reply, ScriptedServer, Seen, make_jwt, shared_public_pem, shared_rsa_key
 from cryptography.hazmat.primitives.asymmetric import rsa
+from support.runner import Reply, ScriptedServer, Seen, make_jwt, shared_public_pem, shared_rsa_key
 
 from ambient_grpc_auth._clock import FakeClock
+from ambient_grpc_auth.client import control_plane as cpsource
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
-from ambient_grpc_auth.client.interceptor import control_plane as cpsource
 from ambient_grpc_auth.client.tokens import Token
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.keys import ensure_keys

@@ -7,11 +7,11 @@ import json
 import threading
 
 import pytest
-from _support_cp import master_keys_dir, other_rsa4096, runner_style_bearer
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.cp import master_keys_dir, other_rsa4096, runner_style_bearer
 
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.controlplane.keys import load_keys

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ambient_grpc_auth.client import _core as core
 from ambient_grpc_auth.client.aio.interceptor import _rebuild as aio_rebuild
 from ambient_grpc_auth.client.interceptor import _CallDetails, _rebuild
-from ambient_grpc_auth.client.interceptor import _core as core
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 
 C = grpc.ChannelConnectivity

@@ -1,0 +1,113 @@
+"""The package's shape: no import circles, no function-local imports of the
+package (the usual way to hide a circle), and no runtime module that reaches
+the harnesses under bench/ (they are not in the wheel)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ambient_grpc_auth"
+ROOT = "ambient_grpc_auth"
+
+
+def _modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if "proto" in parts:
+            continue
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(column, imported module, names) for every import statement."""
+    out: list[tuple[int, str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import"
+            out.append((node.col_offset, node.module or "", [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out.extend((node.col_offset, a.name, []) for a in node.names)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps: set[str] = set()
+        for _, module, names in _imports(path):
+            submodules = {f"{module}.{n}" for n in names} & modules.keys()
+            deps.update(submodules)
+            # `from package import submodule` does not use the package's names.
+            if module in modules and (not names or len(submodules) < len(names)):
+                deps.add(module)
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles() -> None:
+    # The front door imports everything; nothing inside may import it back.
+    graph = _graph()
+    for name, deps in graph.items():
+        if name != ROOT:
+            assert ROOT not in deps, f"{name} imports the front door"
+    assert _cycles(graph) == []
+
+
+def test_the_checker_sees_a_circle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+
+
+def test_no_function_local_imports_of_the_package() -> None:
+    local = [
+        (str(path), module)
+        for path in _modules().values()
+        for column, module, _ in _imports(path)
+        if column > 0 and module.startswith(ROOT)
+    ]
+    assert local == []
+
+
+def test_runtime_never_imports_the_harnesses() -> None:
+    for name, path in _modules().items():
+        for _, module, _ in _imports(path):
+            assert module.split(".")[0] != "bench", f"{name} imports {module}"
