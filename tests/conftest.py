@@ -1,3 +1,3 @@
-"""Shared test configuration. Test support shared by several test folders lives in tests/support/."""
+"""Shared test configuration. Support code used by several test folders: tests/support/."""
 
 from __future__ import annotations
