@@ -13,6 +13,7 @@ from ambient_grpc_auth.errors import TokenRejectedError
 __all__ = [
     "AUTHORIZATION_KEY",
     "DEFAULT_MAX_TOKEN_BYTES",
+    "MAX_AUTHORIZATION_VALUES",
     "authorization_metadata",
     "authorization_value",
     "extract_bearer",
@@ -22,6 +23,8 @@ __all__ = [
 
 AUTHORIZATION_KEY = "authorization"
 DEFAULT_MAX_TOKEN_BYTES = 16 * 1024
+#: How many identical ``authorization`` values one call may carry.
+MAX_AUTHORIZATION_VALUES = 4
 _SCHEME = "bearer"
 
 
@@ -47,21 +50,31 @@ def authorization_value(
     *,
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
 ) -> str:
-    """The single ``authorization`` value, bounded in size but not yet parsed.
+    """The ``authorization`` value, bounded in size but not yet parsed.
+
+    Several values are accepted when they are byte-identical (at most
+    :data:`MAX_AUTHORIZATION_VALUES`): a client that sets both call
+    credentials and explicit metadata with the same token sends the header
+    twice, and the platform's own servers accept that. Values that differ are
+    refused, whichever would be read first.
 
     Raises :class:`TokenRejectedError` (UNAUTHENTICATED): ``missing``,
-    ``duplicate``, ``malformed`` (binary value), ``oversized``.
+    ``duplicate`` (values differ, or too many), ``malformed`` (binary value),
+    ``oversized``.
     """
     found: str | bytes | None = None
     count = 0
     for key, value in metadata or ():
-        if key == AUTHORIZATION_KEY:
-            count += 1
+        if key != AUTHORIZATION_KEY:
+            continue
+        count += 1
+        if count == 1:
             found = value
-    if count == 0 or found is None:
+        # Both values come from the same caller: no secret is compared here.
+        elif count > MAX_AUTHORIZATION_VALUES or value != found:
+            raise TokenRejectedError("duplicate")
+    if found is None:
         raise TokenRejectedError("missing")
-    if count > 1:
-        raise TokenRejectedError("duplicate")
     if isinstance(found, bytes):
         raise TokenRejectedError("malformed")
     # Scheme (6) + space + token; checked before any slicing of a huge value.
@@ -88,7 +101,7 @@ def extract_bearer(
 ) -> str:
     """Return the bearer token from invocation metadata.
 
-    Exactly one ``authorization`` value is accepted; it must be
+    One ``authorization`` value (or several identical ones) is accepted; it must be
     ``Bearer <token>`` (scheme case-insensitive, one space) with a non-empty
     token of at most ``max_token_bytes`` visible ASCII characters.
 
