@@ -5,6 +5,10 @@ the harnesses under bench/ (they are not in the wheel)."""
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ambient_grpc_auth"
@@ -111,3 +115,42 @@ def test_runtime_never_imports_the_harnesses() -> None:
     for name, path in _modules().items():
         for _, module, _ in _imports(path):
             assert module.split(".")[0] != "bench", f"{name} imports {module}"
+
+
+def test_the_wheel_holds_the_package_only(tmp_path: Path) -> None:
+    """The harnesses (bench/) and the tests stay out of the installed wheel;
+    the typing marker and the stubs' .pyi files go in."""
+    source = tmp_path / "src"
+    repo = PACKAGE.parent
+    # A copy: an in-tree build would leave build/ and *.egg-info behind.
+    shutil.copytree(
+        repo,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*cache"
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {ROOT}
+    assert f"{ROOT}/py.typed" in names
+    assert f"{ROOT}/proto/ambient/v1/sessions_pb2.pyi" in names
