@@ -130,13 +130,12 @@ def test_the_wheel_holds_the_package_only(tmp_path: Path) -> None:
             ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*cache"
         ),
     )
-    subprocess.run(
+    built = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            "-q",
             "--no-deps",
             "--no-build-isolation",
             "-w",
@@ -145,12 +144,16 @@ def test_the_wheel_holds_the_package_only(tmp_path: Path) -> None:
         ],
         check=True,
         capture_output=True,
+        text=True,
         timeout=300,
         cwd=tmp_path,
     )
+    # The packaging metadata is current: no deprecation banner from the backend.
+    assert "deprecated" not in (built.stdout + built.stderr).lower()
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {ROOT}
     assert f"{ROOT}/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert f"{ROOT}/proto/ambient/v1/sessions_pb2.pyi" in names
