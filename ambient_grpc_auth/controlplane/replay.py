@@ -91,9 +91,10 @@ class MemoryReplayStore:
     evicted key can never be accepted again. The cost falls on freshness, not
     on safety: under a flood that fills the table within one window, proofs
     issued in the same second as an evicted one are refused and runners retry
-    with a new proof. The default 100 000 entries hold ~800 accepted proofs per
-    second sustained over a 60 s window (RSA-4096 decryption manages ~100-200
-    per core per second). A warning is logged, at most once a minute, while
+    with a new proof. A key lives about one window past its proof's ``ts``, so
+    the default 100 000 entries hold ~1 600 accepted proofs per second
+    sustained with a 60 s window (RSA-4096 decryption manages ~100-200 per
+    core per second). A warning is logged, at most once a minute, while
     live keys are being evicted.
 
     Thread-safe (one lock, held for O(log n) work per call).
