@@ -32,7 +32,7 @@ from ambient_grpc_auth.controlplane.server import RunningTokenServer, run_token_
 from ambient_grpc_auth.errors import AmbientAuthError
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.serve import run_session_server
-from ambient_grpc_auth.reference.servicer import SessionStore
+from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import API_TOKEN_ENV, SERVICE_ACCOUNT_ENV, ServerAuthConfig
 from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet

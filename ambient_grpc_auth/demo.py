@@ -40,7 +40,7 @@ from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_toke
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.serve import SyncSessionServer, start_sync_session_server
-from ambient_grpc_auth.reference.servicer import SessionStore
+from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.jwks import JwksCache, StaticKeySet

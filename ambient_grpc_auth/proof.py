@@ -7,14 +7,15 @@ RSA-OAEP (MGF1-SHA256, SHA-256, no label) under the control plane's public key.
 - v2 (replay resistant): the plaintext is compact JSON
   ``{"v":2,"sid":<session id>,"ts":<unix seconds>,"nonce":<base64url of 16 random bytes>}``.
   The control plane accepts it once, and only close to ``ts``
-  (:class:`ReplayGuard`).
+  (:class:`~ambient_grpc_auth.controlplane.replay.ReplayGuard`).
 
 Security caveat: the public key is public, so anyone who knows a valid session
 id can build a v1 proof for it; v1 is only as strong as session ids are hard to
 guess. v2 additionally stops a captured proof from being replayed later.
 
 Runner side: :func:`encrypt_v1`, :func:`encrypt_v2`. Control-plane side:
-:func:`decode_proof`, :class:`SessionIdRule`, :class:`ReplayGuard`. All
+:func:`decode_proof`, :class:`SessionIdRule` (replay protection is the
+control plane's own: :mod:`ambient_grpc_auth.controlplane.replay`). All
 refusals are :class:`~ambient_grpc_auth.errors.ProofError` with a fixed reason
 and the HTTP status to answer (401 or 403); nothing in them echoes the proof.
 """
@@ -26,21 +27,17 @@ import binascii
 import json
 import re
 import secrets
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.errors import ConfigurationError, ProofError
 
 __all__ = [
     "NONCE_BYTES",
     "DecodedProof",
-    "ReplayGuard",
     "SessionIdRule",
     "decode_proof",
     "encrypt_v1",
@@ -252,99 +249,3 @@ class SessionIdRule:
         if self._compiled is not None and not self._compiled.fullmatch(session_id):
             raise ProofError("session_id_pattern", 403)
         return session_id
-
-
-# Kept past the last instant a proof could still be fresh, so the inclusive
-# freshness bound and the expiry never meet at the same instant (and small
-# drift between the wall and monotonic clocks cannot open a gap).
-_RETENTION_MARGIN = 1.0
-
-
-class ReplayGuard:
-    """Freshness and single use for v2 proofs.
-
-    A v2 proof is accepted only if ``|now - ts| <= window_seconds`` and its
-    (session id, nonce) pair has not been accepted before. Accepted pairs are
-    remembered for ``2 * window_seconds`` plus a margin (monotonic clock),
-    which covers every moment at which their ``ts`` could still pass the
-    (inclusive) freshness check, boundary instant included.
-
-    Memory is bounded by ``max_entries``. When the table is full of unexpired
-    entries the oldest entry is evicted *safely*: the guard raises a floor and
-    from then on refuses every proof whose ``ts`` is not above the ``ts`` of
-    any evicted entry (reason ``stale``), so an evicted nonce can never be
-    replayed. The cost falls on freshness, not on safety: under a flood that
-    fills the table within one window, proofs issued in the same second as an
-    evicted one are refused and the runner retries with a new proof. The
-    default 100 000 entries holds ~800 accepted v2 proofs per second sustained
-    over the 2-window retention (RSA-4096 decryption manages ~100-200 per core
-    per second); each entry costs roughly 200 bytes.
-
-    v1 proofs pass unless ``require_fresh_proof`` is set (reason
-    ``fresh_proof_required``). Refusals are ProofError(reason, 401): ``stale``,
-    ``future``, ``replayed``.
-
-    Thread-safe (one lock; each check is O(1) amortised). Replay protection
-    assumes the wall clock does not step backwards by more than the window.
-    """
-
-    def __init__(
-        self,
-        *,
-        window_seconds: float = 60.0,
-        max_entries: int = 100_000,
-        require_fresh_proof: bool = False,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
-        if window_seconds <= 0 or max_entries < 1:
-            raise ConfigurationError("replay guard: window and max_entries must be positive")
-        self.window_seconds = window_seconds
-        self.max_entries = max_entries
-        self.require_fresh_proof = require_fresh_proof
-        self._clock = clock
-        self._lock = threading.Lock()
-        # key -> (expiry on the monotonic clock, ts); insertion order = expiry order.
-        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
-        self._floor = -1
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._seen)
-
-    def check(self, proof: DecodedProof) -> None:
-        """Accept ``proof`` (recording its nonce) or raise ProofError(reason, 401)."""
-        if proof.version == 1:
-            if self.require_fresh_proof:
-                raise ProofError("fresh_proof_required", 401)
-            return
-        if proof.issued_at is None or proof.nonce is None:
-            raise ProofError("malformed_v2", 401)
-        ts = proof.issued_at
-        now = self._clock.time()
-        if ts < now - self.window_seconds:
-            raise ProofError("stale", 401)
-        if ts > now + self.window_seconds:
-            raise ProofError("future", 401)
-        # The NUL separator cannot occur in a valid session id or nonce.
-        key = f"{proof.session_id}\x00{proof.nonce}"
-        mono = self._clock.monotonic()
-        with self._lock:
-            self._expire(mono)
-            if ts <= self._floor:
-                raise ProofError("stale", 401)
-            if key in self._seen:
-                raise ProofError("replayed", 401)
-            while len(self._seen) >= self.max_entries:
-                _, (_, evicted_ts) = self._seen.popitem(last=False)
-                self._floor = max(self._floor, evicted_ts)
-            if ts <= self._floor:
-                raise ProofError("stale", 401)
-            self._seen[key] = (mono + 2 * self.window_seconds + _RETENTION_MARGIN, ts)
-
-    def _expire(self, mono: float) -> None:
-        seen = self._seen
-        while seen:
-            first = next(iter(seen.values()))
-            if first[0] > mono:
-                break
-            seen.popitem(last=False)

@@ -54,6 +54,7 @@ from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference import servicer as reference
 from ambient_grpc_auth.reference.aio import servicer as aio_reference
+from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.aio.interceptor import (
     ServerAuthInterceptor as AioServerAuthInterceptor,
 )
@@ -222,7 +223,7 @@ class Gate:
         assert self.release.wait(10), "gate never released"
 
 
-class GatedStore(reference.SessionStore):
+class GatedStore(SessionStore):
     """A SessionStore whose ``append`` can be held before or after its commit
     for chosen payloads, and which counts appends per payload."""
 
@@ -260,7 +261,7 @@ def server_config(
     cp_port: int,
     keys: KeySource,
     clock: FakeClock,
-    store: reference.SessionStore,
+    store: SessionStore,
     metrics: AuthMetrics,
     leeway: float = 30.0,
 ) -> ServerAuthConfig:
@@ -322,7 +323,7 @@ class SyncWorld:
         self.cp: RunningTokenServer | None = None
         self.server: grpc.Server | None = None
         self.pool: futures.ThreadPoolExecutor | None = None
-        self.store: reference.SessionStore | None = None
+        self.store: SessionStore | None = None
         self.metrics = AuthMetrics()
         self.keys: KeySource = static_keys(keys_dir)
         self.gates: dict[str, tuple[str, Gate]] = {}
@@ -346,10 +347,8 @@ class SyncWorld:
             self.loop.run(cp.close())
 
     def start_sessions(self) -> None:
-        store: reference.SessionStore = (
-            GatedStore(self.db, self.gates, self.appends)
-            if self._gated
-            else reference.SessionStore(self.db)
+        store: SessionStore = (
+            GatedStore(self.db, self.gates, self.appends) if self._gated else SessionStore(self.db)
         )
         config = server_config(
             cp_port=self.cp_port,
@@ -567,7 +566,7 @@ def test_token_endpoint_down_at_start_aio_watch_waits_for_it(
     async def scenario() -> None:
         clock = FakeClock(time.time())
         cp_port, port = free_port(), free_port()
-        store = reference.SessionStore(str(tmp_path / "db"))
+        store = SessionStore(str(tmp_path / "db"))
         sid = store.create_session("fault", created_by=OWNER).metadata.id
         metrics = AuthMetrics()
         config = server_config(
@@ -737,7 +736,7 @@ def test_bad_token_endpoint_answers_aio(mode: str, keys_dir: Path) -> None:
     async def scenario() -> None:
         runner, url = await fake.start()
         port = free_port()
-        store = reference.SessionStore(":memory:")
+        store = SessionStore(":memory:")
         sid = store.create_session("fault", created_by=OWNER).metadata.id
         metrics = AuthMetrics()
         clock = FakeClock(time.time())
@@ -794,7 +793,7 @@ def test_token_endpoint_down_mid_session_aio(keys_dir: Path, tmp_path: Path) -> 
             await state.pop("cp").close()
 
         async def start_server() -> None:
-            store = reference.SessionStore(db)
+            store = SessionStore(db)
             config = server_config(
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics
             )
@@ -1114,7 +1113,7 @@ def test_token_expiry_mid_stream_aio(keys_dir: Path, tmp_path: Path) -> None:
         live: dict[str, Any] = {}
 
         async def start_server() -> None:
-            store = reference.SessionStore(db)
+            store = SessionStore(db)
             config = server_config(
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics, leeway=5
             )
@@ -1374,7 +1373,7 @@ def test_watch_drops_what_a_server_replays_twice(keys_dir: Path) -> None:
     async def scenario() -> None:
         clock = FakeClock(time.time())
         port = free_port()
-        store = reference.SessionStore(":memory:")
+        store = SessionStore(":memory:")
         sid = store.create_session("fault", created_by=OWNER).metadata.id
         metrics = AuthMetrics()
         config = server_config(
@@ -1439,7 +1438,7 @@ def test_oversized_metadata_is_refused_before_any_handler(flavour: str, tmp_path
     no handler runs, nothing echoes the value, and the server keeps serving."""
     before = set(threading.enumerate())
     loop = LoopThread() if flavour == "aio" else None
-    store = reference.SessionStore(":memory:")
+    store = SessionStore(":memory:")
     metrics = AuthMetrics()
     config = dataclasses.replace(
         ServerAuthConfig.from_env(environ={API_TOKEN_ENV: SERVICE_TOKEN}, metrics=metrics),

@@ -47,13 +47,13 @@ from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.keys import ensure_keys
+from ambient_grpc_auth.controlplane.replay import ReplayGuard
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenRejectedError
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import Principal
 from ambient_grpc_auth.proof import (
     DecodedProof,
-    ReplayGuard,
     decode_proof,
     encrypt_v1,
     encrypt_v2,
@@ -62,6 +62,7 @@ from ambient_grpc_auth.proof import (
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference import servicer as reference
 from ambient_grpc_auth.reference.aio import servicer as aio_reference
+from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.aio.interceptor import (
     ServerAuthInterceptor as AioServerAuthInterceptor,
 )
@@ -662,7 +663,7 @@ def loop_thread() -> Iterator[LoopThread]:
         lt.close()
 
 
-def _server_config(store: reference.SessionStore) -> ServerAuthConfig:
+def _server_config(store: SessionStore) -> ServerAuthConfig:
     return ServerAuthConfig.from_env(
         environ={API_TOKEN_ENV: STATIC},
         issuers=[trusted_issuer()],
@@ -675,7 +676,7 @@ def _server_config(store: reference.SessionStore) -> ServerAuthConfig:
 def grpc_targets(loop_thread: LoopThread) -> Iterator[tuple[list[Any], str]]:
     """The reference service behind the interceptor, sync and aio; the stubs
     and one existing session id."""
-    store = reference.SessionStore(":memory:")
+    store = SessionStore(":memory:")
     session_id = store.create_session("props", created_by="alice").metadata.id
     store.append(session_id, "assistant", "hello")
     server, port = reference.serve(

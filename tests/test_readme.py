@@ -20,7 +20,8 @@ from ambient_grpc_auth.controlplane.keys import ensure_keys
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.serve import start_sync_session_server
-from ambient_grpc_auth.reference.servicer import SessionServicer, SessionStore
+from ambient_grpc_auth.reference.servicer import SessionServicer
+from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.jwks import JwksCache

@@ -20,7 +20,8 @@ import grpc
 import pytest
 
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2
-from ambient_grpc_auth.reference.servicer import SessionStore, serve
+from ambient_grpc_auth.reference.servicer import serve
+from ambient_grpc_auth.reference.store import SessionStore
 
 PLATFORM_PROTO = """
 syntax = "proto3";

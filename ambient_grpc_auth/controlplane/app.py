@@ -23,8 +23,9 @@ from ambient_grpc_auth.controlplane.keys import (
     load_keys,
 )
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcClientCredentialsIssuer
+from ambient_grpc_auth.controlplane.replay import ReplayGuard
 from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenRejectedError
-from ambient_grpc_auth.proof import DecodedProof, ReplayGuard, SessionIdRule, decode_proof
+from ambient_grpc_auth.proof import DecodedProof, SessionIdRule, decode_proof
 
 __all__ = [
     "DISCOVERY_PATH",
@@ -105,10 +106,14 @@ class State:
         self.rule = config.session_id_rule or SessionIdRule(pattern=config.session_id_pattern)
         self.guard = ReplayGuard(
             window_seconds=config.proof_window,
-            max_entries=config.replay_max_entries,
             require_fresh_proof=config.require_fresh_proof,
             clock=config.clock,
+            store=config.replay_store,
+            max_entries=None if config.replay_store is not None else config.replay_max_entries,
         )
+        # The in-process store answers under a short lock; any other store may
+        # do network I/O and is kept off the event loop.
+        self._guard_off_loop = config.replay_store is not None
         self.session_check = config.session_check
         self.counters = TokenServerCounters()
         self.jwt_issuer: JwtIssuer | None = None
@@ -162,6 +167,12 @@ class State:
         finally:
             self.pending -= 1
 
+    async def check_replay(self, proof: DecodedProof) -> None:
+        if self._guard_off_loop:
+            await asyncio.to_thread(self.guard.check, proof)
+        else:
+            self.guard.check(proof)
+
 
 def _url_base(issuer: JwtIssuer | None) -> str | None:
     if issuer is not None and issuer.issuer.startswith(("https://", "http://")):
@@ -204,7 +215,7 @@ async def _handle_token(request: web.Request) -> web.StreamResponse:
             proof = await state.decode(_bearer_of(request))
             version = proof.version
             sid = state.rule.validate(proof.session_id)
-            state.guard.check(proof)
+            await state.check_replay(proof)
             if state.session_check is not None and not await state.session_check(sid):
                 raise ProofError("unknown_session", 403)
             issued = await state.issuer.issue(sid)

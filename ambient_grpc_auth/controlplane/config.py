@@ -15,13 +15,21 @@ from ambient_grpc_auth.controlplane.issuers import (
 )
 from ambient_grpc_auth.controlplane.keys import CPKeys
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcSettings
+from ambient_grpc_auth.controlplane.replay import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_WINDOW_SECONDS,
+    ReplayStore,
+)
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.proof import SessionIdRule
 
 __all__ = [
+    "SessionCheck",
     "TokenServerConfig",
 ]
 
+#: ``async (session_id) -> bool``: False refuses the session (403); an
+#: exception answers 500. Called on the event loop after the proof passed.
 SessionCheck = Callable[[str], Awaitable[bool]]
 
 
@@ -29,53 +37,81 @@ SessionCheck = Callable[[str], Awaitable[bool]]
 class TokenServerConfig:
     """Configuration of the token endpoint (keyword-only, immutable).
 
-    Keys: ``keys_dir`` (generated on first start when ``generate_keys``,
-    otherwise loaded, e.g. from a mounted Secret) and/or already loaded
-    ``keys``. With ``keys_dir`` a running server follows signing-key rotations
-    (checked every ``signing_key_check_interval`` seconds).
-
-    Tokens: by default a :class:`~ambient_grpc_auth.controlplane.issuers.JwtIssuer` with
-    ``issuer`` (default: the server's own URL), ``audience``, ``ttl`` and
-    ``subject``. ``oidc`` switches to an upstream client-credentials provider;
-    ``token_issuer`` plugs in any other :class:`~ambient_grpc_auth.controlplane.issuers.TokenIssuer`.
-    ``public_url`` is the externally visible base URL for the discovery
-    document's ``jwks_uri`` (default: the issuer when it is a URL, else the
-    server's own URL).
-
-    Proofs: ``session_id_rule`` (or just a ``session_id_pattern``),
-    ``require_fresh_proof`` (refuse v1), ``proof_window`` seconds for v2,
-    ``replay_max_entries``; ``session_check(session_id)`` may refuse a session
-    (False -> 403; an exception -> 500).
-
-    Limits: ``max_concurrent_decrypts`` (default ``os.cpu_count()``),
-    ``max_pending_requests`` waiting for a decrypt slot (then 503),
-    ``request_timeout`` for the whole /token handling, ``max_header_size``
-    (request line and each header), ``shutdown_timeout`` for graceful close.
+    At least one of ``keys_dir`` and ``keys`` is required. By default tokens
+    come from a :class:`~ambient_grpc_auth.controlplane.issuers.JwtIssuer`
+    built from ``issuer``, ``audience``, ``ttl`` and ``subject``; ``oidc`` or
+    ``token_issuer`` replace it (not both). Invalid combinations and limits
+    raise ConfigurationError at construction.
     """
 
+    # -- keys
+
+    #: Directory of the control plane's key files: generated on first start
+    #: when ``generate_keys``, otherwise loaded (e.g. from a mounted Secret).
+    #: A running server follows signing-key rotations made there.
     keys_dir: str | os.PathLike[str] | None = None
+    #: Already loaded keys; used as they are (no generation, no rotation).
     keys: CPKeys | None = None
+    #: Create missing keys in ``keys_dir`` (False: missing keys are an error).
     generate_keys: bool = True
-    issuer: str | None = None
-    public_url: str | None = None
-    audience: str | tuple[str, ...] = DEFAULT_AUDIENCE
-    ttl: float = DEFAULT_TTL_SECONDS
-    subject: str = DEFAULT_SUBJECT
-    require_fresh_proof: bool = False
-    proof_window: float = 60.0
-    replay_max_entries: int = 100_000
-    session_id_rule: SessionIdRule | None = None
-    session_id_pattern: str | None = None
-    session_check: SessionCheck | None = None
-    oidc: OidcSettings | None = None
-    token_issuer: TokenIssuer | None = None
-    max_concurrent_decrypts: int | None = None
-    max_pending_requests: int = 256
-    request_timeout: float = 10.0
-    max_header_size: int = 8190
-    shutdown_timeout: float = 10.0
+    #: Seconds between checks of ``keys_dir`` for a rotated signing key.
     signing_key_check_interval: float = 10.0
+
+    # -- issued tokens
+
+    #: ``iss`` of issued JWTs. Default: ``public_url``, else the server's own URL.
+    issuer: str | None = None
+    #: Externally visible base URL, for the discovery document's ``jwks_uri``.
+    #: Default: the issuer when it is a URL, else the server's own URL.
+    public_url: str | None = None
+    #: ``aud`` of issued JWTs: one audience or several.
+    audience: str | tuple[str, ...] = DEFAULT_AUDIENCE
+    #: Lifetime of issued JWTs, in seconds.
+    ttl: float = DEFAULT_TTL_SECONDS
+    #: ``sub`` of issued JWTs: the identity the API server sees.
+    subject: str = DEFAULT_SUBJECT
+    #: Hand out a service token from an upstream OAuth2/OIDC provider instead of JWTs.
+    oidc: OidcSettings | None = None
+    #: Any other :class:`~ambient_grpc_auth.controlplane.issuers.TokenIssuer`
+    #: (a ``JwtIssuer`` given here has its keys published on the JWKS route).
+    token_issuer: TokenIssuer | None = None
+    #: ``max-age`` (seconds) of the JWKS and discovery responses.
     jwks_max_age: int = 60
+
+    # -- proofs
+
+    #: What counts as a valid session id (403 otherwise). Default: the platform's rule.
+    session_id_rule: SessionIdRule | None = None
+    #: Shorthand for ``SessionIdRule(pattern=...)``; not with ``session_id_rule``.
+    session_id_pattern: str | None = None
+    #: Refuse v1 proofs (401 ``fresh_proof_required``): only v2 is accepted.
+    require_fresh_proof: bool = False
+    #: How far (seconds, either way) a v2 proof's timestamp may be from now.
+    proof_window: float = DEFAULT_WINDOW_SECONDS
+    #: Capacity of the default in-process replay store; not with ``replay_store``.
+    replay_max_entries: int = DEFAULT_MAX_ENTRIES
+    #: Where accepted v2 nonces are remembered, e.g. a store shared by all
+    #: replicas. Default: in-process. Called from a worker thread, so it may block.
+    replay_store: ReplayStore | None = None
+    #: Last say on a session whose proof passed (see :data:`SessionCheck`).
+    session_check: SessionCheck | None = None
+
+    # -- limits
+
+    #: Proofs decrypted at once, in a thread pool. Default: ``os.cpu_count()``.
+    max_concurrent_decrypts: int | None = None
+    #: Requests allowed to wait for a decryption slot; beyond that, 503.
+    max_pending_requests: int = 256
+    #: Seconds for the whole handling of one ``/token`` request (then 500).
+    request_timeout: float = 10.0
+    #: Longest request line and header, in bytes (at least 1024).
+    max_header_size: int = 8190
+    #: Seconds in-flight requests get to finish when the server closes.
+    shutdown_timeout: float = 10.0
+
+    # -- testing
+
+    #: Time source for proof freshness, token times and key rotation checks.
     clock: Clock = SYSTEM_CLOCK
 
     def __post_init__(self) -> None:
@@ -85,10 +121,14 @@ class TokenServerConfig:
             raise ConfigurationError("token server: set oidc or token_issuer, not both")
         if self.session_id_rule is not None and self.session_id_pattern is not None:
             raise ConfigurationError("token server: set session_id_rule or session_id_pattern")
+        if self.replay_store is not None and self.replay_max_entries != DEFAULT_MAX_ENTRIES:
+            raise ConfigurationError("token server: set replay_store or replay_max_entries")
         if self.max_concurrent_decrypts is not None and self.max_concurrent_decrypts < 1:
             raise ConfigurationError("token server: max_concurrent_decrypts must be >= 1")
         for name in ("request_timeout", "proof_window", "shutdown_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"token server: {name} must be positive")
+        if self.replay_max_entries < 1:
+            raise ConfigurationError("token server: replay_max_entries must be positive")
         if self.max_pending_requests < 1 or self.max_header_size < 1024:
             raise ConfigurationError("token server: limits too small")

@@ -42,7 +42,9 @@ __all__ = [
 
 #: The identity runner tokens are issued to, as the API server sees it.
 DEFAULT_SUBJECT = "system:serviceaccount:ambient-code:ambient-runner"
+#: The ``aud`` the API server expects of runner tokens.
 DEFAULT_AUDIENCE = "ambient-api-server"
+#: Lifetime of issued runner tokens: 15 minutes.
 DEFAULT_TTL_SECONDS = 900.0
 #: Issued tokens never live longer than this, whatever is configured.
 MAX_TTL_SECONDS = 24 * 3600.0
@@ -60,9 +62,11 @@ def format_rfc3339(moment: datetime) -> str:
 
 @dataclass(frozen=True)
 class IssuedToken:
-    """A token and its expiry (timezone-aware, UTC). The repr hides the token."""
+    """A token and its expiry. The repr hides the token."""
 
+    #: The bearer value handed to the runner (secret: never logged).
     token: str = field(repr=False)
+    #: When the token stops being accepted (timezone-aware, UTC).
     expires_at: datetime
 
     def to_json(self) -> dict[str, str]:
@@ -95,14 +99,24 @@ class JwtIssuer:
     and ``token_use`` = :data:`~ambient_grpc_auth.claims.RUNNER_TOKEN_USE`. The
     header carries the signing key's ``kid`` (its RFC 7638 thumbprint).
 
-    ``signing_keys`` is a fixed :class:`SigningKeySet` or a callable returning
-    the current one (e.g. a :class:`~ambient_grpc_auth.controlplane.keys.SigningKeyStore`
-    that follows rotations). Tokens are signed with the current key only;
-    :meth:`jwks` publishes the current key plus every retired key that may
-    still have unexpired tokens (retired less than ``ttl + 60 s`` ago).
+    Settings (keyword-only; ConfigurationError when invalid):
 
-    Thread-safe. Signing costs one RSA-2048 private-key operation (~1-2 ms);
-    pass ``executor`` to run it off the event loop in :meth:`issue`.
+    - ``signing_keys``: a fixed :class:`SigningKeySet`, or a callable returning
+      the current one (e.g. a :class:`~ambient_grpc_auth.controlplane.keys.SigningKeyStore`
+      that follows rotations). Tokens are signed with the current key only.
+    - ``issuer``: the ``iss`` claim (required; verifiers match it exactly).
+    - ``audience``: the ``aud`` claim, one audience or several (required).
+    - ``ttl``: token lifetime in seconds, at most :data:`MAX_TTL_SECONDS`.
+    - ``subject``: the ``sub`` claim, the identity the API server sees.
+    - ``clock``: time source for ``iat``/``exp`` and key retirement.
+    - ``retired_key_grace``: seconds a retired key stays published after its
+      last token expired (:data:`RETIRED_KEY_GRACE_SECONDS`): :meth:`jwks`
+      publishes the current key plus every retired key that may still have
+      unexpired tokens (retired less than ``ttl + grace`` ago).
+    - ``executor``: where :meth:`issue` signs, off the event loop (default:
+      on the calling thread).
+
+    Thread-safe. Signing costs one RSA-2048 private-key operation (~1-2 ms).
     """
 
     def __init__(

@@ -41,15 +41,11 @@ from ambient_grpc_auth.controlplane.app import (
     TokenServerCounters,
     make_app,
 )
-from ambient_grpc_auth.controlplane.config import SessionCheck, TokenServerConfig
-from ambient_grpc_auth.controlplane.issuers import (
-    TokenIssuer,
-)
+from ambient_grpc_auth.controlplane.config import TokenServerConfig
+from ambient_grpc_auth.controlplane.issuers import TokenIssuer
 
 __all__ = [
     "RunningTokenServer",
-    "SessionCheck",
-    "TokenServerCounters",
     "create_app",
     "run_token_server",
     "start_token_server",

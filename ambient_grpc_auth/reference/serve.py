@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -21,7 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ambient_grpc_auth._shutdown import wait_for_stop_signal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2_grpc
 from ambient_grpc_auth.reference.aio.servicer import AsyncSessionServicer
-from ambient_grpc_auth.reference.servicer import SessionServicer, SessionStore
+from ambient_grpc_auth.reference.servicer import SessionServicer
+from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.aio.interceptor import (
     ServerAuthInterceptor as AioServerAuthInterceptor,
 )
@@ -61,9 +63,13 @@ def _bind(
 class SyncSessionServer:
     """A started sync server; ``stop()`` is idempotent."""
 
+    #: The running gRPC server.
     server: grpc.Server
+    #: The port it listens on (the bound one when asked for port 0).
     port: int
+    #: The auth interceptor in front of every call (for its metrics).
     interceptor: ServerAuthInterceptor
+    #: The health service, set to NOT_SERVING when ``stop()`` begins.
     health: health.HealthServicer
 
     def stop(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:
@@ -81,8 +87,6 @@ def start_sync_session_server(
 ) -> SyncSessionServer:
     """Start a sync server. Every open watch holds one of ``max_workers``
     threads; prefer the aio server for many concurrent watchers."""
-    from concurrent import futures
-
     interceptor = ServerAuthInterceptor(config=config)
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ambient-rpc")
     server = grpc.server(pool, interceptors=[interceptor])

@@ -1,8 +1,9 @@
 """A small reference ``ambient.v1.SessionService`` backed by SQLite (sync ``grpc``).
 
 Used by the demo, the CLI and the tests as the API server behind the auth
-interceptor. The storage, the notifier, validation and the status mapping
-live in :mod:`ambient_grpc_auth.reference.store` and are shared with the ``grpc.aio``
+interceptor. The storage, validation and the status mapping live in
+:mod:`ambient_grpc_auth.reference.store` (commit notification in
+:mod:`ambient_grpc_auth.reference.hub`) and are shared with the ``grpc.aio``
 twin, :mod:`ambient_grpc_auth.reference.aio.servicer`.
 
 Typical use::
@@ -15,8 +16,9 @@ Typical use::
 
 Security: this service enforces only the rules that belong to the data
 (argument bounds, "service callers may not push user messages"). Who may
-touch which session is the auth interceptor's job; :meth:`SessionStore.owner_of`
-is the lookup it uses. ``serve`` binds whatever address it is given: pass
+touch which session is the auth interceptor's job;
+:meth:`~ambient_grpc_auth.reference.store.SessionStore.owner_of` is the
+lookup it uses. ``serve`` binds whatever address it is given: pass
 ``server_credentials`` for anything beyond loopback.
 """
 
@@ -31,35 +33,16 @@ import grpc
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.store import (
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    MAX_EVENT_TYPE_CHARS,
-    MAX_ID_CHARS,
-    MAX_NAME_CHARS,
     PAGE_SIZE,
-    MessagePage,
     SessionStore,
     SessionStoreError,
-    Subscription,
     check_push_allowed,
     ended_status,
     status_of,
     validate_watch,
 )
 
-__all__ = [
-    "DEFAULT_MAX_PAYLOAD_BYTES",
-    "MAX_EVENT_TYPE_CHARS",
-    "MAX_ID_CHARS",
-    "MAX_NAME_CHARS",
-    "PAGE_SIZE",
-    "MessagePage",
-    "SessionServicer",
-    "SessionStore",
-    "SessionStoreError",
-    "Subscription",
-    "serve",
-    "status_of",
-]
+__all__ = ["SessionServicer", "serve"]
 
 #: How often a waiting sync watcher re-checks that its RPC is still alive, as
 #: a backstop to the termination callback that normally wakes it at once.
@@ -122,7 +105,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             while subscription.active:
                 # Live messages come from the in-memory tail; replay and
                 # laggards read the database.
-                batch, more = subscription.recent(last), False
+                batch, more = subscription.recent(last, PAGE_SIZE), False
                 if not batch:
                     try:
                         page = store.read_messages(session_id, last)

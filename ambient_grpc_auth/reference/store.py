@@ -1,28 +1,27 @@
-"""SQLite storage and change notification for the reference SessionService.
+"""SQLite storage for the reference SessionService.
 
 Everything here is shared by the sync servicer (:mod:`ambient_grpc_auth.reference.servicer`)
 and its ``grpc.aio`` twin (:mod:`ambient_grpc_auth.reference.aio.servicer`): the store,
-the per-session notifier, argument validation, the push permission rule and
-the mapping of every refusal to a gRPC status (:func:`status_of`).
+argument validation, the push permission rule and the mapping of every
+refusal to a gRPC status (:func:`status_of`).
 
 Watch design: a watcher subscribes *before* it reads, then repeatedly takes
 the messages with ``seq > last_sent`` in bounded batches and waits for a
-notification that a higher seq was committed. The database is the source of
-truth; a small bounded tail of recently committed messages, kept per watched
-session, saves live watchers a database read per message, and is used only
-when it holds ``last_sent + 1`` and the contiguous run after it. A slow
-watcher therefore costs no memory (it falls back to the database), and the
-replay/live seam can have neither a gap nor a duplicate: anything a read did
-not see was committed, and therefore announced, after the subscription.
-Notifications are process-local: two processes sharing a database file keep
-consistent seqs (``BEGIN IMMEDIATE``), but watchers only wake for writes made
-through their own store.
+notification that a higher seq was committed (the store announces each commit
+on its :class:`~ambient_grpc_auth.reference.hub.Hub`). The database is the
+source of truth; the hub's bounded tail of recently committed messages saves
+live watchers a database read per message, and is used only when it holds
+``last_sent + 1`` and the contiguous run after it. A slow watcher therefore
+costs no memory (it falls back to the database), and the replay/live seam can
+have neither a gap nor a duplicate: anything a read did not see was
+committed, and therefore announced, after the subscription. Notifications
+are process-local: two processes sharing a database file keep consistent
+seqs (``BEGIN IMMEDIATE``), but watchers only wake for writes made through
+their own store.
 """
 
 from __future__ import annotations
 
-import asyncio
-import bisect
 import logging
 import os
 import sqlite3
@@ -30,7 +29,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -40,6 +39,7 @@ from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.errors import AmbientAuthError, ConfigurationError
 from ambient_grpc_auth.principal import Principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2
+from ambient_grpc_auth.reference.hub import Hub, Subscription
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
@@ -51,7 +51,6 @@ __all__ = [
     "MessagePage",
     "SessionStore",
     "SessionStoreError",
-    "Subscription",
     "check_push_allowed",
     "ended_status",
     "status_of",
@@ -72,8 +71,6 @@ SESSION_KIND: Final = "Session"
 SESSION_HREF_PREFIX: Final = "/api/ambient/v1/sessions/"
 _OWNER_CACHE_SIZE: Final = 4096
 _MAX_SEQ: Final = (1 << 63) - 1  # SQLite INTEGER and proto int64 limit
-_TAIL_MESSAGES: Final = 1024
-_TAIL_CHARS: Final = 2 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -121,7 +118,7 @@ def status_of(error: SessionStoreError) -> tuple[grpc.StatusCode, str]:
 def ended_status(subscription: Subscription) -> tuple[grpc.StatusCode, str] | None:
     """How a watch whose subscription ended finishes: UNAVAILABLE when the
     store was closed (the client should resume elsewhere), else normally (None)."""
-    return status_of(_closed()) if subscription.store_closed else None
+    return status_of(_closed()) if subscription.hub_closed else None
 
 
 def _invalid(message: str) -> SessionStoreError:
@@ -187,221 +184,12 @@ def check_push_allowed(principal: Principal | None, event_type: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class MessagePage:
-    """One bounded read of a session's log; ``more`` is True when the page was
-    cut short by its row or byte budget (read again right away)."""
+    """One bounded read of a session's log."""
 
+    #: The messages read, in seq order.
     messages: tuple[sessions_pb2.SessionMessage, ...]
+    #: True when the page was cut short by its row or byte budget (read again right away).
     more: bool
-
-
-# --- change notification -----------------------------------------------------
-
-
-def _seq_of(entry: tuple[int, int, sessions_pb2.SessionMessage]) -> int:
-    return entry[0]
-
-
-class _Topic:
-    __slots__ = ("armed", "cond", "published", "subscribers", "tail", "tail_chars")
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self.cond = threading.Condition(lock)
-        self.published = 0  # highest seq announced since the topic was created
-        self.subscribers: set[Subscription] = set()
-        self.armed: set[Subscription] = set()  # aio waiters currently suspended
-        # Recently committed messages as (seq, payload chars, message), sorted by
-        # seq, bounded by _TAIL_MESSAGES and _TAIL_CHARS: live watchers read
-        # from here instead of the database. Only kept while someone watches.
-        self.tail: list[tuple[int, int, sessions_pb2.SessionMessage]] = []
-        self.tail_chars = 0
-
-    def remember(self, message: sessions_pb2.SessionMessage, chars: int) -> None:
-        if chars > _TAIL_CHARS:
-            return
-        tail = self.tail
-        # Writers announce after their own COMMIT, so seqs may arrive slightly
-        # out of order: insert in place (near the end, hence cheap).
-        tail.insert(
-            bisect.bisect_left(tail, message.seq, key=_seq_of), (message.seq, chars, message)
-        )
-        self.tail_chars += chars
-        while len(tail) > _TAIL_MESSAGES or self.tail_chars > _TAIL_CHARS:
-            self.tail_chars -= tail.pop(0)[1]
-
-
-class Subscription:
-    """A watcher's registration for "a higher seq was committed" signals.
-
-    Obtained from :meth:`SessionStore.subscribe` *before* the first read, so
-    that nothing committed after that read goes unannounced. Typical loop:
-    take :meth:`recent` messages, else read a page from the store; send them;
-    then :meth:`wait` (or :meth:`wait_async`) for a seq above the last one sent.
-
-    Thread-safe. :meth:`close` is idempotent (call it from RPC-termination
-    callbacks too). After it, or after the store is closed, waits return at
-    once and :attr:`active` is False; :attr:`store_closed` tells the two apart.
-    """
-
-    __slots__ = ("_active", "_hub", "_store_closed", "_topic", "_waker", "session_id")
-
-    def __init__(self, hub: _Hub, session_id: str, topic: _Topic) -> None:
-        self._hub = hub
-        self._topic = topic
-        self.session_id = session_id
-        self._active = True
-        self._store_closed = False
-        self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
-
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    @property
-    def store_closed(self) -> bool:
-        return self._store_closed
-
-    def wait(self, after_seq: int, timeout: float | None) -> bool:
-        """Block until a seq above ``after_seq`` is announced or the
-        subscription ends (True), or ``timeout`` seconds pass (False)."""
-        topic = self._topic
-        with topic.cond:
-            return topic.cond.wait_for(
-                lambda: not self._active or topic.published > after_seq, timeout
-            )
-
-    async def wait_async(self, after_seq: int) -> None:
-        """``grpc.aio`` twin of :meth:`wait`, without timeout: cancel the task to
-        stop waiting. Publishers wake it with ``call_soon_threadsafe``, so writes
-        may happen on any thread. The hub lock is only ever held for a few
-        set, dict and short list operations, never across I/O, so taking it on
-        the event loop does not stall it."""
-        loop = asyncio.get_running_loop()
-        event = asyncio.Event()
-        topic = self._topic
-        with topic.cond:
-            if not self._active or topic.published > after_seq:
-                return
-            self._waker = (loop, event)
-            topic.armed.add(self)
-        try:
-            await event.wait()
-        finally:
-            with topic.cond:
-                self._waker = None
-                topic.armed.discard(self)
-
-    def recent(
-        self, after_seq: int, limit: int = PAGE_SIZE
-    ) -> tuple[sessions_pb2.SessionMessage, ...]:
-        """Messages ``after_seq + 1, after_seq + 2, ...`` (contiguous, at most
-        ``limit``) from the in-memory tail of recently committed messages;
-        empty when ``after_seq + 1`` is not there (read the database then).
-        The returned messages are shared: do not modify them."""
-        expected = after_seq + 1
-        out: list[sessions_pb2.SessionMessage] = []
-        with self._topic.cond:
-            tail = self._topic.tail
-            start = bisect.bisect_left(tail, expected, key=_seq_of)
-            for seq, _, message in tail[start : start + limit]:
-                if seq != expected:
-                    break
-                out.append(message)
-                expected += 1
-        return tuple(out)
-
-    def close(self) -> None:
-        """End the subscription and wake its waiter (idempotent)."""
-        self._hub.end(self, store_closed=False)
-
-    def _wake_locked(self) -> None:
-        waker, self._waker = self._waker, None
-        self._topic.armed.discard(self)
-        if waker is not None:
-            _wake_all(waker[0], [waker[1]])
-
-
-def _set_all(events: list[asyncio.Event]) -> None:
-    for event in events:
-        event.set()
-
-
-def _wake_all(loop: asyncio.AbstractEventLoop, events: list[asyncio.Event]) -> None:
-    # One call per loop however many watchers it runs: each call costs the
-    # loop a wake-up through its self-pipe.
-    # RuntimeError: the watchers' loop is already closed; nothing to wake.
-    with suppress(RuntimeError):
-        loop.call_soon_threadsafe(_set_all, events)
-
-
-class _Hub:
-    """Per-session topics; one lock guards them all (held only briefly)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._topics: dict[str, _Topic] = {}
-        self._closed = False
-
-    def subscribe(self, session_id: str) -> Subscription:
-        with self._lock:
-            if self._closed:
-                raise _closed()
-            topic = self._topics.get(session_id)
-            if topic is None:
-                topic = self._topics[session_id] = _Topic(self._lock)
-            sub = Subscription(self, session_id, topic)
-            topic.subscribers.add(sub)
-            return sub
-
-    def publish(self, session_id: str, message: sessions_pb2.SessionMessage, chars: int) -> None:
-        with self._lock:
-            topic = self._topics.get(session_id)
-            if topic is None:
-                return
-            if message.seq > topic.published:
-                topic.published = message.seq
-            topic.remember(message, chars)
-            topic.cond.notify_all()
-            if not topic.armed:
-                return
-            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
-            for sub in topic.armed:
-                if sub._waker is not None:
-                    loop, event = sub._waker
-                    sub._waker = None
-                    by_loop.setdefault(loop, []).append(event)
-            topic.armed.clear()
-            for loop, events in by_loop.items():
-                _wake_all(loop, events)
-
-    def end(self, sub: Subscription, *, store_closed: bool) -> None:
-        with self._lock:
-            self._end_locked(sub, store_closed=store_closed)
-
-    def _end_locked(self, sub: Subscription, *, store_closed: bool) -> None:
-        if not sub._active:
-            return
-        sub._active = False
-        sub._store_closed = store_closed
-        topic = sub._topic
-        topic.subscribers.discard(sub)
-        if not topic.subscribers and self._topics.get(sub.session_id) is topic:
-            del self._topics[sub.session_id]
-        topic.cond.notify_all()
-        sub._wake_locked()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for topic in list(self._topics.values()):
-                for sub in list(topic.subscribers):
-                    self._end_locked(sub, store_closed=True)
-
-    def count(self, session_id: str | None) -> int:
-        with self._lock:
-            if session_id is not None:
-                topic = self._topics.get(session_id)
-                return 0 if topic is None else len(topic.subscribers)
-            return sum(len(t.subscribers) for t in self._topics.values())
 
 
 # --- the store ----------------------------------------------------------------
@@ -441,7 +229,7 @@ class SessionStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
-        self._hub = _Hub()
+        self._hub = Hub()
         self._owners: OrderedDict[str, str | None] = OrderedDict()
         self._owners_lock = threading.Lock()
         try:
@@ -643,14 +431,17 @@ class SessionStore:
     def subscribe(self, session_id: str) -> Subscription:
         """Register for commit signals on ``session_id``; close the result when
         done. UNAVAILABLE once the store is closed."""
-        return self._hub.subscribe(session_id)
+        subscription = self._hub.subscribe(session_id)
+        if subscription is None:
+            raise _closed()
+        return subscription
 
     def subscriber_count(self, session_id: str | None = None) -> int:
         """Open subscriptions on ``session_id`` (all sessions when None)."""
         return self._hub.count(session_id)
 
     def close(self) -> None:
-        """End every subscription (waiters wake with ``store_closed`` set), then
+        """End every subscription (waiters wake with ``hub_closed`` set), then
         close the database. Idempotent; later calls raise UNAVAILABLE."""
         self._hub.close()
         with self._lock:

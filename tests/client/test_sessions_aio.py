@@ -358,7 +358,7 @@ async def test_async_context_manager_closes() -> None:
 
 async def test_watch_against_the_aio_reference_server_across_a_restart(tmp_path: Path) -> None:
     from ambient_grpc_auth.reference.aio.servicer import serve
-    from ambient_grpc_auth.reference.servicer import SessionStore
+    from ambient_grpc_auth.reference.store import SessionStore
 
     store = SessionStore(str(tmp_path / "aio.db"))
     session_id = store.create_session("aio").metadata.id

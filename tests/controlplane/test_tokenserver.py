@@ -249,6 +249,52 @@ async def test_require_fresh_proof_refuses_v1(keys_dir: Path, http: aiohttp.Clie
         assert srv.counters.reasons() == {"fresh_proof_required": 1}
 
 
+class SharedReplayStore:
+    """A ReplayStore standing in for a network one (e.g. Redis) shared by
+    replicas: records the threads it is called on and can fail."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, float] = {}
+        self.threads: set[int] = set()
+        self.fail = False
+
+    def remember(self, key: str, until: float) -> bool:
+        self.threads.add(threading.get_ident())
+        if self.fail:
+            raise ConnectionError("replay store unreachable")
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys[key] = until
+            return True
+
+
+async def test_replicas_share_a_replay_store_called_off_the_loop(
+    keys_dir: Path, http: aiohttp.ClientSession
+) -> None:
+    pub = pub_key(keys_dir)
+    store = SharedReplayStore()
+    async with (
+        serving(cfg(keys_dir, replay_store=store)) as one,
+        serving(cfg(keys_dir, replay_store=store)) as two,
+    ):
+        proof = encrypt_v2(pub, SID, now=time.time())
+        await token_of(http, one.token_url, proof)
+        # The other replica refuses the same proof: the store is shared.
+        status, body, _ = await get(http, two.token_url, proof)
+        assert (status, body) == (401, "invalid session proof")
+        assert two.counters.reasons() == {"replayed": 1}
+        # A store that cannot answer fails the request; the proof is not accepted.
+        store.fail = True
+        status, body, _ = await get(http, one.token_url, encrypt_v2(pub, SID, now=time.time()))
+        assert (status, body) == (500, "internal error")
+    assert len(store._keys) == 1
+    # Never on the event loop's thread (the store may block on I/O).
+    assert threading.get_ident() not in store.threads
+    assert len(store.threads) >= 1
+
+
 # ---------------------------------------------------------------- JWKS and discovery
 
 
@@ -468,6 +514,11 @@ async def test_create_app_embeds_in_any_runner(keys_dir: Path, http: aiohttp.Cli
         await runner.cleanup()
 
 
+class ReplayStub:
+    def remember(self, key: str, until: float) -> bool:
+        return True
+
+
 def test_config_validation(keys_dir: Path) -> None:
     with pytest.raises(ConfigurationError):
         TokenServerConfig()
@@ -475,6 +526,10 @@ def test_config_validation(keys_dir: Path) -> None:
         TokenServerConfig(keys_dir=keys_dir, request_timeout=0)
     with pytest.raises(ConfigurationError):
         TokenServerConfig(keys_dir=keys_dir, max_concurrent_decrypts=0)
+    with pytest.raises(ConfigurationError, match="replay"):
+        TokenServerConfig(keys_dir=keys_dir, replay_max_entries=0)
+    with pytest.raises(ConfigurationError, match="replay"):
+        TokenServerConfig(keys_dir=keys_dir, replay_store=ReplayStub(), replay_max_entries=10)
     with pytest.raises(TypeError):
         TokenServerConfig(keys_dir)  # type: ignore[call-arg]
 

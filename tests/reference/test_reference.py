@@ -33,15 +33,18 @@ from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2 as pb
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2_grpc as pb_grpc
 from ambient_grpc_auth.reference.aio.servicer import serve as aio_serve
-from ambient_grpc_auth.reference.servicer import (
+from ambient_grpc_auth.reference.hub import Hub
+from ambient_grpc_auth.reference.servicer import serve
+from ambient_grpc_auth.reference.store import (
     MAX_EVENT_TYPE_CHARS,
     MAX_ID_CHARS,
     PAGE_SIZE,
     SessionStore,
     SessionStoreError,
-    serve,
+    check_push_allowed,
+    status_of,
+    validate_watch,
 )
-from ambient_grpc_auth.reference.store import check_push_allowed, status_of, validate_watch
 
 Code = grpc.StatusCode
 MiB = 1 << 20
@@ -218,12 +221,12 @@ def test_subscription_signals_and_close(store: SessionStore) -> None:
     sub.close()
     sub.close()  # idempotent
     assert not sub.active
-    assert not sub.store_closed
+    assert not sub.hub_closed
     assert sub.wait(1, timeout=None) is True
     assert store.subscriber_count(sid) == 1
     store.close()
     assert not other.active
-    assert other.store_closed
+    assert other.hub_closed
     assert store.subscriber_count() == 0
     with pytest.raises(SessionStoreError) as exc_info:
         store.subscribe(sid)
@@ -251,7 +254,7 @@ async def test_async_subscription_woken_from_another_thread(store: SessionStore)
     await asyncio.sleep(0)
     await asyncio.to_thread(store.close)
     await asyncio.wait_for(pending, 5)
-    assert sub.store_closed
+    assert sub.hub_closed
 
 
 @settings(max_examples=40, deadline=None)
@@ -603,14 +606,6 @@ def test_recent_tail_serves_contiguous_committed_messages(store: SessionStore) -
     assert [m.seq for m in sub.recent(1)] == [2, 3, 4]
     assert [m.seq for m in sub.recent(2, limit=1)] == [3]
     assert sub.recent(4) == ()
-    # Announcements may arrive out of order; a missing seq stops the run.
-    hub = store._hub
-    msg = {seq: pb.SessionMessage(session_id=sid, seq=seq) for seq in (5, 6, 7)}
-    hub.publish(sid, msg[6], 0)
-    assert sub.recent(4) == ()
-    hub.publish(sid, msg[5], 0)
-    hub.publish(sid, msg[7], 0)
-    assert [m.seq for m in sub.recent(4)] == [5, 6, 7]
     # Bounded: old entries fall out and are then read from the database.
     with SessionStore() as small:
         sid2 = small.create_session("n").metadata.id
@@ -629,6 +624,69 @@ def test_recent_tail_serves_contiguous_committed_messages(store: SessionStore) -
         assert sub3.wait(0, timeout=0)
         (read,) = large.read_messages(sid3, 0).messages
         assert len(read.payload) == 3 << 20
+
+
+# --- the notification hub alone ----------------------------------------------------
+
+
+def test_hub_tail_orders_out_of_order_announcements() -> None:
+    """Writers announce after their own commit, so seqs may arrive out of
+    order; the tail serves only a contiguous run starting at the next seq."""
+    hub = Hub()
+    sub = hub.subscribe("s")
+    assert sub is not None
+    msg = {seq: pb.SessionMessage(session_id="s", seq=seq) for seq in (1, 2, 3)}
+    hub.publish("s", msg[2], 0)
+    assert sub.recent(0) == ()
+    assert sub.wait(1, timeout=0)  # seq 2 was announced
+    hub.publish("s", msg[1], 0)
+    hub.publish("s", msg[3], 0)
+    assert [m.seq for m in sub.recent(0)] == [1, 2, 3]
+    assert [m.seq for m in sub.recent(0, limit=2)] == [1, 2]
+    assert not sub.wait(3, timeout=0)
+
+
+def test_hub_publishes_only_to_watched_sessions_and_forgets_unwatched_ones() -> None:
+    hub = Hub()
+    hub.publish("s", pb.SessionMessage(session_id="s", seq=1), 0)  # nobody watches: dropped
+    sub = hub.subscribe("s")
+    assert sub is not None
+    assert sub.recent(0) == ()
+    assert hub.count("s") == 1
+    sub.close()
+    sub.close()
+    assert (hub.count("s"), hub.count()) == (0, 0)
+    assert not sub.active
+    assert not sub.hub_closed
+    # A new subscription starts a new topic with an empty tail.
+    hub.publish("s", pb.SessionMessage(session_id="s", seq=2), 0)
+    again = hub.subscribe("s")
+    assert again is not None
+    assert again.recent(1) == ()
+
+
+async def test_hub_wakes_aio_waiters_from_another_thread_and_on_close() -> None:
+    hub = Hub()
+    first, second = hub.subscribe("s"), hub.subscribe("s")
+    assert first is not None
+    assert second is not None
+    waiting = asyncio.gather(first.wait_async(0), second.wait_async(0))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    publisher = threading.Thread(
+        target=hub.publish, args=("s", pb.SessionMessage(session_id="s", seq=1), 0)
+    )
+    publisher.start()
+    await asyncio.wait_for(waiting, 5)
+    publisher.join()
+    # Closing the hub ends every subscription, wakes waiters, refuses new ones.
+    waiter = asyncio.ensure_future(first.wait_async(1))
+    await asyncio.sleep(0)
+    hub.close()
+    await asyncio.wait_for(waiter, 5)
+    assert first.hub_closed
+    assert not first.active
+    assert hub.subscribe("s") is None
 
 
 # --- durability --------------------------------------------------------------------

@@ -33,6 +33,7 @@ from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference import servicer as reference
 from ambient_grpc_auth.reference.aio import servicer as aio_reference
+from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.aio.interceptor import (
     ServerAuthInterceptor as AioServerAuthInterceptor,
 )
@@ -45,9 +46,7 @@ from ambient_grpc_auth.server.policy import DENY, AuthMetrics, OwnershipPolicy
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
-def make_config(
-    store: reference.SessionStore, clock: FakeClock, **overrides: object
-) -> ServerAuthConfig:
+def make_config(store: SessionStore, clock: FakeClock, **overrides: object) -> ServerAuthConfig:
     key = signing_key().public_key()
     issuers = [
         TrustedIssuer(
@@ -76,7 +75,7 @@ def make_config(
 @dataclasses.dataclass
 class Env:
     clock: FakeClock
-    store: reference.SessionStore
+    store: SessionStore
     stub: sessions_pb2_grpc.SessionServiceStub
 
     def md(self, token: str) -> tuple[tuple[str, str]]:
@@ -119,7 +118,7 @@ class Env:
 @pytest.fixture(params=["sync", "aio"])
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     clock = FakeClock()
-    store = reference.SessionStore(":memory:")
+    store = SessionStore(":memory:")
     config = make_config(store, clock)
     if request.param == "sync":
         server, port = reference.serve(store, interceptors=[ServerAuthInterceptor(config=config)])
@@ -212,7 +211,7 @@ def test_static_service_token_acts_on_any_session(env: Env) -> None:
 def test_deny_by_default_for_methods_without_rules() -> None:
     """With ``default=DENY`` and no rule for GetSession, even its owner is refused."""
     clock = FakeClock()
-    store = reference.SessionStore(":memory:")
+    store = SessionStore(":memory:")
     rules = {
         "/ambient.v1.SessionService/CreateSession": OwnershipPolicy().rules[
             "/ambient.v1.SessionService/CreateSession"
@@ -238,7 +237,7 @@ def test_deny_by_default_for_methods_without_rules() -> None:
 async def test_aio_client_and_server_in_one_loop() -> None:
     """Native grpc.aio on both ends; the owner lookup runs in a worker thread."""
     clock = FakeClock()
-    store = reference.SessionStore(":memory:")
+    store = SessionStore(":memory:")
     config = make_config(store, clock)
     server, port = await aio_reference.serve(
         store, interceptors=[AioServerAuthInterceptor(config=config)]

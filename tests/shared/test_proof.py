@@ -1,10 +1,11 @@
-"""Session proofs: v1 wire compatibility, v2 parsing, session-id rule, replay guard."""
+"""Session proofs: v1 wire compatibility, v2 parsing, session-id rule.
+
+The control plane's replay protection is tested in tests/controlplane/test_replay.py."""
 
 from __future__ import annotations
 
 import base64
 import json
-import threading
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -13,12 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.cp import master_keys_dir, other_rsa4096, runner_style_bearer
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.controlplane.keys import load_keys
 from ambient_grpc_auth.errors import ConfigurationError, ProofError
 from ambient_grpc_auth.proof import (
     DecodedProof,
-    ReplayGuard,
     SessionIdRule,
     decode_proof,
     encrypt_v1,
@@ -237,93 +236,3 @@ def test_pattern_rule_fullmatch() -> None:
         SessionIdRule(pattern="([")
     with pytest.raises(ConfigurationError):
         SessionIdRule(min_length=10, max_length=5)
-
-
-# ---------------------------------------------------------------- replay guard
-
-
-def _v2(sid: str = SID, ts: int = 1_800_000_000, nonce: str = "n" * 21 + "A") -> DecodedProof:
-    return DecodedProof(sid, 2, ts, nonce)
-
-
-def test_guard_accepts_once_and_refuses_replay() -> None:
-    clock = FakeClock(1_800_000_000)
-    guard = ReplayGuard(window_seconds=60, clock=clock)
-    guard.check(_v2())
-    with pytest.raises(ProofError, match="replayed") as info:
-        guard.check(_v2())
-    assert info.value.status == 401
-    guard.check(_v2(nonce="m" * 21 + "A"))  # another nonce
-    guard.check(_v2(sid="session-other-1"))  # same nonce, another session
-    assert len(guard) == 3
-
-
-def test_guard_window_edges() -> None:
-    clock = FakeClock(1_800_000_000)
-    guard = ReplayGuard(window_seconds=60, clock=clock)
-    guard.check(_v2(ts=1_800_000_000 - 60, nonce="a" * 21 + "A"))
-    guard.check(_v2(ts=1_800_000_000 + 60, nonce="b" * 21 + "A"))
-    with pytest.raises(ProofError, match="stale"):
-        guard.check(_v2(ts=1_800_000_000 - 61, nonce="c" * 21 + "A"))
-    with pytest.raises(ProofError, match="future"):
-        guard.check(_v2(ts=1_800_000_000 + 61, nonce="d" * 21 + "A"))
-
-
-def test_guard_replay_after_expiry_is_stale_and_memory_is_released() -> None:
-    clock = FakeClock(1_800_000_000)
-    guard = ReplayGuard(window_seconds=60, clock=clock)
-    guard.check(_v2())
-    clock.advance(61)
-    with pytest.raises(ProofError, match="stale"):
-        guard.check(_v2())
-    clock.advance(60)  # 2 * window after acceptance
-    guard.check(_v2(ts=int(clock.time()), nonce="z" * 21 + "A"))
-    assert len(guard) == 1  # the first entry expired
-
-
-def test_guard_v1_policy() -> None:
-    ReplayGuard().check(DecodedProof(SID, 1))
-    with pytest.raises(ProofError, match="fresh_proof_required") as info:
-        ReplayGuard(require_fresh_proof=True).check(DecodedProof(SID, 1))
-    assert info.value.status == 401
-
-
-def test_guard_bounded_with_safe_eviction() -> None:
-    clock = FakeClock(1_800_000_000)
-    guard = ReplayGuard(window_seconds=60, max_entries=3, clock=clock)
-    t0 = 1_800_000_000
-    for i in range(3):
-        guard.check(_v2(ts=t0 - 10 + i, nonce=f"{i}" * 21 + "A"))
-    guard.check(_v2(ts=t0, nonce="x" * 21 + "A"))  # evicts the oldest (ts t0-10)
-    assert len(guard) == 3
-    # The evicted proof cannot come back, although its nonce was forgotten.
-    with pytest.raises(ProofError, match="stale"):
-        guard.check(_v2(ts=t0 - 10, nonce="0" * 21 + "A"))
-    # Remembered ones are still refused as replays; newer proofs pass.
-    with pytest.raises(ProofError, match="replayed"):
-        guard.check(_v2(ts=t0, nonce="x" * 21 + "A"))
-    guard.check(_v2(ts=t0 + 1, nonce="y" * 21 + "A"))
-    for i in range(50):
-        guard.check(_v2(ts=t0 + 2 + i % 50, nonce=f"{i:021d}A"))
-    assert len(guard) == 3
-
-
-def test_guard_thread_safety_one_winner() -> None:
-    guard = ReplayGuard(clock=FakeClock(1_800_000_000))
-    barrier = threading.Barrier(8)
-    outcomes: list[str] = []
-
-    def attempt() -> None:
-        barrier.wait(timeout=10)
-        try:
-            guard.check(_v2())
-            outcomes.append("ok")
-        except ProofError as exc:
-            outcomes.append(exc.reason)
-
-    threads = [threading.Thread(target=attempt) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
-    assert sorted(outcomes) == ["ok"] + ["replayed"] * 7

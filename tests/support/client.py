@@ -441,7 +441,7 @@ def _serve_sessions(store: Any, auth: AuthState, port: int) -> grpc.Server:
 
 
 def start_session_server(db_path: str) -> SessionServer:
-    from ambient_grpc_auth.reference.servicer import SessionStore
+    from ambient_grpc_auth.reference.store import SessionStore
 
     store = SessionStore(db_path)
     session_id = store.create_session("client-tests").metadata.id

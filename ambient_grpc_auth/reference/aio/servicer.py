@@ -1,7 +1,7 @@
 """The reference ``ambient.v1.SessionService`` for ``grpc.aio`` servers.
 
 Mirror of :mod:`ambient_grpc_auth.reference.servicer` over the same
-:class:`~ambient_grpc_auth.reference.servicer.SessionStore`. Every SQLite call runs in a
+:class:`~ambient_grpc_auth.reference.store.SessionStore`. Every SQLite call runs in a
 worker thread (``asyncio.to_thread``, which also carries the caller's
 principal along), so the event loop never waits on the database lock or on
 disk. The store announces commits with ``loop.call_soon_threadsafe``, so
@@ -21,6 +21,7 @@ import grpc.aio
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.store import (
+    PAGE_SIZE,
     SessionStore,
     SessionStoreError,
     check_push_allowed,
@@ -89,7 +90,7 @@ class AsyncSessionServicer(sessions_pb2_grpc.SessionServiceServicer):
             while subscription.active:
                 # Live messages come from the in-memory tail; replay and
                 # laggards read the database, off the loop.
-                batch, more = subscription.recent(last), False
+                batch, more = subscription.recent(last, PAGE_SIZE), False
                 if not batch:
                     try:
                         page = await asyncio.to_thread(store.read_messages, session_id, last)
