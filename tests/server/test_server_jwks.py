@@ -63,7 +63,10 @@ def cache_for(server: JwksServer, clock: FakeClock, **kw: object) -> JwksCache:
 
 
 def test_thumbprint_matches_the_control_plane_keys_module() -> None:
-    assert jwk_thumbprint(signing_key().public_key()) == cp_keys.jwk_thumbprint(signing_key())
+    # The control plane names its signing keys with the same function verifiers use.
+    published = cp_keys.SigningKey.from_private_key(signing_key()).public_jwk()
+    assert published["kid"] == jwk_thumbprint(signing_key().public_key())
+    assert key_from_jwk({**published, "kid": None}).kid == published["kid"]
 
 
 def test_ec_thumbprint_is_rfc7638() -> None:
