@@ -366,3 +366,29 @@ def test_bearer_token_file_is_sent_and_reread(
 def test_only_http_urls(url: str) -> None:
     with pytest.raises(ConfigurationError):
         JwksCache(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://keys.example.com/jwks", "http://10.0.0.9/jwks", "http://8.8.8.8/jwks"]
+)
+def test_plaintext_jwks_from_remote_hosts_is_refused(url: str) -> None:
+    """Keys read over plaintext from a remote host could be substituted."""
+    with pytest.raises(ConfigurationError, match="plaintext") as err:
+        JwksCache(url)
+    assert "allow_insecure_remote=True" in str(err.value)
+    JwksCache("https" + url[4:])
+    JwksCache(url, allow_insecure_remote=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/jwks",
+        "http://[::1]/jwks",
+        "http://localhost/.well-known/jwks.json",
+        "http://ambient-cp:8080/.well-known/jwks.json",
+        "http://cp.ns.svc.cluster.local/.well-known/jwks.json",
+    ],
+)
+def test_plaintext_jwks_from_local_hosts_is_allowed(url: str) -> None:
+    JwksCache(url)
