@@ -1,17 +1,26 @@
-"""Small, bounded HTTP GET helpers shared by the runner-side fetchers.
+"""The one bounded HTTP client of the package, and its pure helpers.
 
-Used by the control-plane token source and the backend credential fetch.
-Both send a bearer value, so both drivers here:
+Used by every outbound request the package makes: the control-plane token
+source, the backend credential client, the JWKS cache and the OIDC issuer.
+Each of them sends a secret (a proof, a bearer, a client secret) or fetches
+keys that must not be substituted, so both drivers here share one policy:
 
-- never follow redirects (a redirect would forward ``Authorization`` to
-  whatever host the response names) and ignore proxy environment variables
-  (the bearer goes only to the configured URL);
-- bound the response body (``max_bytes``) and the whole exchange (``timeout``);
-- report transport failures with fixed descriptions built from exception
-  types and OS error names, never from headers or bodies.
+- redirects are never followed (a redirect would forward ``Authorization``
+  to whatever host the response names): a 3xx is returned as a response;
+- proxy environment variables are ignored (the request goes only to the
+  configured host; a plaintext request through a proxy would also expose the
+  secret to the proxy);
+- the body is read by one bounded reader: at most ``max_bytes`` (a declared
+  ``Content-Length`` above it fails before reading) and before the deadline
+  ``time_limit`` seconds after the request started (per-read socket timeouts
+  alone would let a slow trickle run on);
+- transport failures are reported with fixed descriptions built from
+  exception types and OS error names, never from headers or bodies.
 
-The sync driver uses :mod:`urllib.request`; the async driver uses
-:mod:`aiohttp` and never blocks the event loop. Everything else here is pure.
+Which hosts may be reached over plain http is decided by the callers with
+:mod:`ambient_grpc_auth._locality`. The sync driver uses
+:mod:`urllib.request`; the async driver uses :mod:`aiohttp` and never blocks
+the event loop. Both are thread-safe; everything else here is pure.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 
@@ -39,9 +48,9 @@ __all__ = [
     "HttpResponse",
     "TransportError",
     "excerpt",
-    "get_async",
-    "get_sync",
     "parse_rfc3339",
+    "request_async",
+    "request_sync",
     "safe_url",
     "validate_http_url",
 ]
@@ -188,15 +197,53 @@ def parse_rfc3339(text: str) -> float:
     return dt.timestamp() + leap + fraction
 
 
-# --- sync driver ----------------------------------------------------------
+# --- the bounded reader ---------------------------------------------------
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # surfaces the 3xx as an HTTPError with its status
+class _BoundedBody:
+    """Collects one response body: at most ``max_bytes``, before ``deadline``
+    (:func:`time.monotonic`). Both drivers feed it; it raises
+    :class:`TransportError` when a bound is crossed."""
+
+    __slots__ = ("_chunks", "_deadline", "_max_bytes", "_total")
+
+    def __init__(self, max_bytes: int, deadline: float) -> None:
+        self._chunks: list[bytes] = []
+        self._total = 0
+        self._max_bytes = max_bytes
+        self._deadline = deadline
+
+    def _too_large(self) -> TransportError:
+        return TransportError(f"response larger than {self._max_bytes} bytes", retryable=False)
+
+    def declared(self, length: int | None) -> None:
+        """Fail early on a ``Content-Length`` over the cap."""
+        if length is not None and length > self._max_bytes:
+            raise self._too_large()
+
+    def next_read_size(self) -> int:
+        """How many bytes to ask for next (one more than the cap allows, so
+        that an oversized body is detected); checks the deadline first."""
+        if time.monotonic() > self._deadline:
+            raise TransportError("timed out reading the response")
+        return min(_CHUNK, self._max_bytes + 1 - self._total)
+
+    def add(self, chunk: bytes) -> bool:
+        """Take ``chunk``; returns False at the end of the body."""
+        if not chunk:
+            return False
+        self._total += len(chunk)
+        if self._total > self._max_bytes:
+            raise self._too_large()
+        self._chunks.append(chunk)
+        return True
+
+    def content(self) -> bytes:
+        return b"".join(self._chunks)
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+def _declared_length(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isascii() and value.isdigit() else None
 
 
 def _os_error_name(exc: BaseException) -> str:
@@ -213,40 +260,69 @@ def _os_error_name(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _read_bounded(stream: IO[bytes], max_bytes: int, deadline: float) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        if time.monotonic() > deadline:
-            raise TransportError("timed out reading the response")
-        chunk = stream.read(min(_CHUNK, max_bytes + 1 - total))
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > max_bytes:
-            raise TransportError(f"response larger than {max_bytes} bytes", retryable=False)
-        chunks.append(chunk)
+def _request_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    # Compressed bodies would defeat the size cap (a small body inflating).
+    return {**headers, "Accept-Encoding": "identity"}
 
 
-def get_sync(
-    url: str, headers: Mapping[str, str], *, timeout: float, max_bytes: int
+# --- sync driver ----------------------------------------------------------
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # surfaces the 3xx as an HTTPError with its status
+
+
+def _opener(tls_context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({}), _NoRedirect()]
+    if tls_context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=tls_context))
+    return urllib.request.build_opener(*handlers)
+
+
+_DEFAULT_OPENER = _opener(None)
+
+
+def _read_sync(response: Any, limit: _BoundedBody) -> bytes:
+    limit.declared(_declared_length(response.headers.get("Content-Length")))
+    # read1 returns what one receive brings; read(n) would wait for all n
+    # bytes, so a slow trickle would never reach the deadline check.
+    while limit.add(response.read1(limit.next_read_size())):
+        pass
+    return limit.content()
+
+
+def request_sync(
+    url: str,
+    headers: Mapping[str, str],
+    *,
+    time_limit: float,
+    max_bytes: int,
+    method: str = "GET",
+    body: bytes | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> HttpResponse:
-    """GET ``url`` (blocking). Returns any HTTP status as a response;
-    raises :class:`TransportError` when no complete response was received
-    within ``timeout`` seconds or the body exceeds ``max_bytes``."""
-    deadline = time.monotonic() + timeout
+    """Send one request (blocking) and return any HTTP status as a response.
+
+    ``url`` must have passed :func:`validate_http_url`. ``tls_context`` sets
+    the https trust roots (default: the system's). Raises
+    :class:`TransportError` when no complete response was received within
+    ``time_limit`` seconds or the body exceeds ``max_bytes``.
+    """
+    limit = _BoundedBody(max_bytes, time.monotonic() + time_limit)
+    opener = _DEFAULT_OPENER if tls_context is None else _opener(tls_context)
     # The scheme was checked by validate_http_url: only http and https reach here.
     request = urllib.request.Request(  # noqa: S310
-        url, headers={**headers, "Accept-Encoding": "identity"}
+        url, data=body, headers=_request_headers(headers), method=method
     )
     try:
         try:
-            response = _OPENER.open(request, timeout=timeout)
+            response = opener.open(request, timeout=time_limit)
         except urllib.error.HTTPError as exc:
             with exc:
-                return HttpResponse(exc.code, _read_bounded(exc, max_bytes, deadline))
+                return HttpResponse(exc.code, _read_sync(exc, limit))
         with response:
-            return HttpResponse(response.status, _read_bounded(response, max_bytes, deadline))
+            return HttpResponse(response.status, _read_sync(response, limit))
     except TransportError:
         raise
     except urllib.error.URLError as exc:
@@ -260,36 +336,40 @@ def get_sync(
 # --- async driver ---------------------------------------------------------
 
 
-async def get_async(
-    url: str, headers: Mapping[str, str], *, time_limit: float, max_bytes: int
+async def request_async(
+    url: str,
+    headers: Mapping[str, str],
+    *,
+    time_limit: float,
+    max_bytes: int,
+    method: str = "GET",
+    body: bytes | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> HttpResponse:
-    """The :func:`get_sync` contract on :mod:`aiohttp` (``time_limit`` is the
-    total timeout in seconds); never blocks the loop."""
-    client_timeout = aiohttp.ClientTimeout(total=time_limit)
+    """The :func:`request_sync` contract on :mod:`aiohttp`; never blocks the
+    loop, and ``time_limit`` bounds the whole exchange including connecting."""
+    limit = _BoundedBody(max_bytes, time.monotonic() + time_limit)
     try:
         async with (
             asyncio.timeout(time_limit),
             aiohttp.ClientSession(
-                timeout=client_timeout, trust_env=False, auto_decompress=False
+                timeout=aiohttp.ClientTimeout(total=time_limit),
+                trust_env=False,
+                auto_decompress=False,
             ) as session,
-            session.get(
-                url, headers={**headers, "Accept-Encoding": "identity"}, allow_redirects=False
+            session.request(
+                method,
+                url,
+                data=body,
+                headers=_request_headers(headers),
+                allow_redirects=False,
+                ssl=tls_context if tls_context is not None else True,
             ) as response,
         ):
-            declared = response.content_length
-            if declared is not None and declared > max_bytes:
-                raise TransportError(f"response larger than {max_bytes} bytes", retryable=False)
-            chunks: list[bytes] = []
-            total = 0
-            while True:
-                chunk = await response.content.read(min(_CHUNK, max_bytes + 1 - total))
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > max_bytes:
-                    raise TransportError(f"response larger than {max_bytes} bytes", retryable=False)
-                chunks.append(chunk)
-            return HttpResponse(response.status, b"".join(chunks))
+            limit.declared(response.content_length)
+            while limit.add(await response.content.read(limit.next_read_size())):
+                pass
+            return HttpResponse(response.status, limit.content())
     except TransportError:
         raise
     except TimeoutError:

@@ -19,6 +19,13 @@ Failure handling, shared by the sync and async paths:
   something that is not a token endpoint, which waiting will not fix;
 - an oversized response (more than ``max_response_bytes``) likewise.
 
+Where the proof may go: ``https`` to any host; plain ``http`` only to
+loopback and cluster-local hosts (the policy of
+:mod:`ambient_grpc_auth._locality`, the same as for gRPC targets), unless
+``allow_insecure_remote=True``. A proof sniffed on the way can be replayed
+(v1 proofs for ever, v2 proofs within their freshness window), and the token
+that comes back would travel in plaintext too.
+
 Errors name the endpoint (without its query), the HTTP status and a short
 excerpt of an error body scrubbed of anything bearer-like. They never contain
 the proof, the session id or a token; 200 bodies are never quoted.
@@ -44,12 +51,13 @@ from ambient_grpc_auth._http import (
     HttpResponse,
     TransportError,
     excerpt,
-    get_async,
-    get_sync,
     parse_rfc3339,
+    request_async,
+    request_sync,
     safe_url,
     validate_http_url,
 )
+from ambient_grpc_auth._locality import check_url_plaintext
 from ambient_grpc_auth._version import __version__
 from ambient_grpc_auth.client.tokens import Token, jwt_expiry
 from ambient_grpc_auth.controlplane.keys import load_public_key
@@ -94,14 +102,16 @@ class ControlPlaneTokenSource:
     ``timeout`` bounds each attempt; ``attempts`` counts all tries; the
     delay before retry *n* is drawn from [d/2, d] with
     ``d = min(backoff_cap, backoff_base * 2**(n-1))``. ``sleep`` and
-    ``async_sleep`` are injectable for tests.
+    ``async_sleep`` are injectable for tests. ``allow_insecure_remote``
+    permits plain ``http`` to a host that is not loopback or cluster-local
+    (see the module docs).
 
     Every call performs a fetch: wrap the source in a
     :class:`~ambient_grpc_auth.client.caching.CachingTokenSource`. Environment
     proxies are ignored. Thread-safe (no shared mutable state besides the
     random generator). Raises :class:`ConfigurationError` at construction for
-    a bad URL, key or session id, and :class:`TokenUnavailableError` from
-    ``get_token``/``get_token_async``.
+    a bad URL (or plain http to a remote host), key or session id, and
+    :class:`TokenUnavailableError` from ``get_token``/``get_token_async``.
     """
 
     def __init__(
@@ -120,8 +130,16 @@ class ControlPlaneTokenSource:
         sleep: Callable[[float], object] = time.sleep,
         async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: random.Random | None = None,
+        allow_insecure_remote: bool = False,
     ) -> None:
         self._parts = validate_http_url(url, what="control-plane token URL")
+        check_url_plaintext(
+            self._parts,
+            allow_remote=allow_insecure_remote,
+            sending="the session proof",
+            what="control-plane token URL",
+            allow_flag="allow_insecure_remote=True",
+        )
         self.url = url
         self.endpoint = safe_url(self._parts)
         if isinstance(public_key, str | bytes):
@@ -164,6 +182,7 @@ class ControlPlaneTokenSource:
         clock: Clock = SYSTEM_CLOCK,
         timeout: float = 10.0,
         attempts: int = 3,
+        allow_insecure_remote: bool = False,
     ) -> ControlPlaneTokenSource:
         """Build from ``AMBIENT_CP_TOKEN_URL``, ``AMBIENT_CP_TOKEN_PUBLIC_KEY``
         (PEM text) and ``SESSION_ID``; ConfigurationError names what is missing."""
@@ -185,7 +204,14 @@ class ControlPlaneTokenSource:
                 f"control-plane token source needs {', '.join(missing)} to be set"
             )
         return cls(
-            url, pem, session_id, proof=proof, clock=clock, timeout=timeout, attempts=attempts
+            url,
+            pem,
+            session_id,
+            proof=proof,
+            clock=clock,
+            timeout=timeout,
+            attempts=attempts,
+            allow_insecure_remote=allow_insecure_remote,
         )
 
     def __repr__(self) -> str:
@@ -242,8 +268,11 @@ class ControlPlaneTokenSource:
             attempt += 1
             proof = self._proof()
             try:
-                response = get_sync(
-                    self.url, self._headers(proof), timeout=self.timeout, max_bytes=self._max_bytes
+                response = request_sync(
+                    self.url,
+                    self._headers(proof),
+                    time_limit=self.timeout,
+                    max_bytes=self._max_bytes,
                 )
                 outcome = self._interpret(response, proof)
             except TransportError as exc:
@@ -267,7 +296,7 @@ class ControlPlaneTokenSource:
             attempt += 1
             proof = self._proof()
             try:
-                response = await get_async(
+                response = await request_async(
                     self.url,
                     self._headers(proof),
                     time_limit=self.timeout,

@@ -13,20 +13,20 @@ Which bearer authenticates the request:
 2. otherwise (or as that fallback) the pod's service-account token;
 3. otherwise the control-plane token (a :class:`~ambient_grpc_auth.client.tokens.TokenSource`).
 
-Because a bearer is sent, the backend must be in-cluster or local: only
-loopback addresses (127.0.0.0/8, ::1), ``localhost``, ``*.svc`` and
-``*.svc.cluster.local`` hosts are accepted, and redirects are never followed.
+Because the pod's service-account token may be sent, the backend must be
+in-cluster or local whatever the scheme: only loopback and cluster-local hosts
+as defined by :mod:`ambient_grpc_auth._locality` (the policy shared with gRPC
+targets and the control-plane URL) are accepted, and redirects are never
+followed. Plain http is allowed to those hosts, as everywhere else.
 Errors name the provider, the backend host, the HTTP status and a scrubbed
 excerpt of an error body; never a token or the credential.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
-import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,10 +36,11 @@ from ambient_grpc_auth._http import (
     HttpResponse,
     TransportError,
     excerpt,
-    get_async,
-    get_sync,
+    request_async,
+    request_sync,
     validate_http_url,
 )
+from ambient_grpc_auth._locality import check_in_cluster, host_locality
 from ambient_grpc_auth._version import __version__
 from ambient_grpc_auth.client.tokens import (
     DEFAULT_SERVICE_ACCOUNT_TOKEN_PATH,
@@ -71,8 +72,6 @@ _PATH = "/api/ambient/v1/credentials/{id}/token"
 _MAX_IDS_TEXT = 64 * 1024
 _MAX_PROVIDERS = 256
 _MAX_NAME = 256
-_HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_CLUSTER_SUFFIXES = (".svc", ".svc.cluster.local")
 
 
 class CredentialUnavailableError(TokenUnavailableError):
@@ -138,40 +137,23 @@ def backend_url_from_env(environ: Mapping[str, str] | None = None) -> str:
     return DEFAULT_BACKEND_URL
 
 
-def _host_allowed(host: str) -> bool:
-    host = host.lower()
-    if host.endswith("."):
-        host = host[:-1]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    if not host.endswith(_CLUSTER_SUFFIXES):
-        return False
-    labels = host.split(".")
-    # At least one label (the service) in front of the cluster suffix.
-    return len(labels) >= 2 and all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
-
-
 def check_backend_url(url: str) -> str:
     """Validate a backend base URL and return it without a trailing slash.
 
     Raises :class:`ConfigurationError` unless it is an http(s) URL without
-    userinfo, query or fragment whose host is loopback, ``localhost``,
-    ``*.svc`` or ``*.svc.cluster.local``: the request carries a bearer, which
+    userinfo, query or fragment whose host is loopback or cluster-local
+    (:mod:`ambient_grpc_auth._locality`): the request carries a bearer that
     must not leave the cluster.
     """
     parts = validate_http_url(url, what="backend URL")
     if parts.query or url.endswith("?"):
         raise ConfigurationError("backend URL must not contain a query")
     host = parts.hostname or ""
-    if not _host_allowed(host):
-        raise ConfigurationError(
-            f"backend URL host {host!r} is not allowed: use localhost, a loopback address, "
-            "or an in-cluster service name (*.svc or *.svc.cluster.local)"
-        )
+    check_in_cluster(
+        host_locality(host),
+        sending="the service-account token",
+        destination=f"backend URL host {host!r}",
+    )
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
@@ -339,7 +321,9 @@ class CredentialClient:
 
     def _get(self, url: str, bearer: _Bearer, provider: str) -> HttpResponse:
         try:
-            return get_sync(url, _headers(bearer), timeout=self.timeout, max_bytes=self._max_bytes)
+            return request_sync(
+                url, _headers(bearer), time_limit=self.timeout, max_bytes=self._max_bytes
+            )
         except TransportError as exc:
             raise self._fail(provider, exc.description, retryable=exc.retryable) from None
 
@@ -374,7 +358,7 @@ class CredentialClient:
 
     async def _get_async(self, url: str, bearer: _Bearer, provider: str) -> HttpResponse:
         try:
-            return await get_async(
+            return await request_async(
                 url, _headers(bearer), time_limit=self.timeout, max_bytes=self._max_bytes
             )
         except TransportError as exc:

@@ -1,14 +1,25 @@
-"""Where a runner connects: target parsing, the plaintext policy, ChannelConfig."""
+"""Where a runner connects: target parsing, the plaintext check, ChannelConfig.
+
+The plaintext policy itself (which hosts are loopback or cluster-local) lives
+in :mod:`ambient_grpc_auth._locality`, shared with every other component that
+sends a secret; :class:`Locality` is re-exported here because
+:attr:`ParsedTarget.locality` is one.
+
+A ``dns://AUTHORITY/name`` target is always ``REMOTE``: the DNS server named
+in the authority, not the cluster, decides where the name points. With an
+empty authority (``dns:///name``) the system resolver is used and the name is
+classified like a bare ``host:port``.
+"""
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ambient_grpc_auth._locality import Locality, check_plaintext, host_locality, least_local
 from ambient_grpc_auth.errors import ConfigurationError
 
 __all__ = [
@@ -38,19 +49,6 @@ _MAX_CA_FILE_BYTES = 1024 * 1024
 _HOSTNAME = re.compile(
     r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?"
 )
-_SHORT_SERVICE_NAME = re.compile(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
-
-
-class Locality(enum.Enum):
-    """Where a target is, as far as the plaintext policy is concerned."""
-
-    LOOPBACK = "loopback"
-    CLUSTER = "cluster"
-    REMOTE = "remote"
-
-    @property
-    def plaintext_allowed(self) -> bool:
-        return self is not Locality.REMOTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,37 +103,6 @@ def _split_host_port(target: str, text: str) -> tuple[str, int | None]:
     return host, _parse_port(target, port_text) if sep else None
 
 
-def _host_locality(host: str) -> Locality:
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        ip = None
-    if ip is not None:
-        if ip.is_loopback:
-            return Locality.LOOPBACK
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            return Locality.LOOPBACK if ip.ipv4_mapped.is_loopback else Locality.REMOTE
-        return Locality.REMOTE
-    name = host.lower().rstrip(".")
-    if name == "localhost":
-        return Locality.LOOPBACK
-    if "." not in name:
-        # Must start with a letter: numeric forms such as "167772161" or
-        # "0x7f000001" are IP addresses to the system resolver.
-        return Locality.CLUSTER if _SHORT_SERVICE_NAME.fullmatch(name) else Locality.REMOTE
-    if name.endswith((".svc", ".cluster.local")):
-        return Locality.CLUSTER
-    return Locality.REMOTE
-
-
-def _least_local(hosts: Sequence[str]) -> Locality:
-    localities = {_host_locality(h) for h in hosts}
-    for loc in (Locality.REMOTE, Locality.CLUSTER, Locality.LOOPBACK):
-        if loc in localities:
-            return loc
-    return Locality.REMOTE
-
-
 def parse_target(target: str) -> ParsedTarget:
     """Parse a gRPC target: ``host[:port]``, ``[v6]:port``, ``dns:[//authority/]host[:port]``,
     ``ipv4:addr[:port][,...]``, ``ipv6:[addr]:port[,...]``, ``unix:path``,
@@ -160,11 +127,15 @@ def parse_target(target: str) -> ParsedTarget:
     if lower.startswith("dns:"):
         rest = text[4:]
         if rest.startswith("//"):
-            _authority, slash, rest = rest[2:].partition("/")
+            authority, slash, rest = rest[2:].partition("/")
             if not slash:
                 raise _bad(text, "dns:// target needs '/host' after the authority")
+        else:
+            authority = ""
         host, port = _split_host_port(text, rest)
-        return ParsedTarget(text, (host,), port, _host_locality(host))
+        # A named DNS server decides where the name points, not the cluster.
+        locality = Locality.REMOTE if authority else host_locality(host)
+        return ParsedTarget(text, (host,), port, locality)
     if lower.startswith(("ipv4:", "ipv6:")):
         family = ipaddress.IPv4Address if lower.startswith("ipv4:") else ipaddress.IPv6Address
         hosts: list[str] = []
@@ -178,11 +149,11 @@ def parse_target(target: str) -> ParsedTarget:
             hosts.append(host)
             ports.add(port)
         port = ports.pop() if len(ports) == 1 else None
-        return ParsedTarget(text, tuple(hosts), port, _least_local(hosts))
+        return ParsedTarget(text, tuple(hosts), port, least_local(host_locality(h) for h in hosts))
     if "://" in text:
         return ParsedTarget(text, (), None, Locality.REMOTE)
     host, port = _split_host_port(text, text)
-    return ParsedTarget(text, (host,), port, _host_locality(host))
+    return ParsedTarget(text, (host,), port, host_locality(host))
 
 
 def check_target(target: str, *, tls: bool, allow_insecure_remote: bool = False) -> ParsedTarget:
@@ -193,15 +164,16 @@ def check_target(target: str, *, tls: bool, allow_insecure_remote: bool = False)
     ``allow_insecure_remote`` is False.
     """
     parsed = parse_target(target)
-    if tls or allow_insecure_remote or parsed.locality.plaintext_allowed:
-        return parsed
-    where = ", ".join(repr(h) for h in parsed.hosts) or repr(parsed.target)
-    raise ConfigurationError(
-        f"refusing to send bearer tokens in plaintext to {where}: enable TLS "
-        f"({USE_TLS_ENV}=true / tls=True) or pass allow_insecure_remote=True. Plaintext is "
-        "allowed only to loopback (localhost, 127.0.0.0/8, ::1, unix sockets) and "
-        "cluster-local hosts (short names, *.svc, *.cluster.local)"
+    check_plaintext(
+        parsed.locality,
+        tls=tls,
+        allow_remote=allow_insecure_remote,
+        sending="bearer tokens",
+        destination=", ".join(repr(h) for h in parsed.hosts) or repr(parsed.target),
+        enable_tls=f"enable TLS ({USE_TLS_ENV}=true / tls=True)",
+        allow_flag="allow_insecure_remote=True",
     )
+    return parsed
 
 
 def _parse_bool(name: str, raw: str) -> bool:

@@ -4,13 +4,16 @@ The control plane authenticates itself with the client-credentials grant
 (RFC 6749 §4.4) and hands the resulting access token to runners whose proof it
 accepted. The token is the control plane's service token, not scoped to one
 session: use this issuer only where the API server expects such tokens.
+
+The client secret travels to ``token_url``: ``https`` to any host, plain
+``http`` only to loopback and cluster-local hosts (the policy of
+:mod:`ambient_grpc_auth._locality`), unless ``allow_insecure_http=True``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import json
 import logging
 import os
@@ -18,12 +21,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote_plus, urlencode
 
-import aiohttp
 import jwt
 
 from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
+from ambient_grpc_auth._http import TransportError, request_async, validate_http_url
+from ambient_grpc_auth._locality import check_url_plaintext
 from ambient_grpc_auth.controlplane.issuers import IssuedToken, TokenIssueError
 from ambient_grpc_auth.errors import ConfigurationError
 
@@ -37,7 +41,11 @@ _MAX_SECRET_BYTES = 4096
 
 @dataclass(frozen=True, kw_only=True)
 class OidcSettings:
-    """Configuration of :class:`OidcClientCredentialsIssuer` (see there)."""
+    """Configuration of :class:`OidcClientCredentialsIssuer` (see there).
+
+    ``allow_insecure_http`` permits plain http to a ``token_url`` host that is
+    not loopback or cluster-local (see the module docs).
+    """
 
     token_url: str
     client_id: str
@@ -50,15 +58,6 @@ class OidcSettings:
     failure_cooldown: float = 1.0
     max_response_bytes: int = 64 * 1024
     allow_insecure_http: bool = False
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class OidcClientCredentialsIssuer:
@@ -78,8 +77,10 @@ class OidcClientCredentialsIssuer:
       concurrent callers share one upstream request.
     - A failed refresh serves the cached token while it is still valid, and
       for ``failure_cooldown`` seconds fails fast without calling upstream.
-    - The response is bounded (``max_response_bytes``) and the request has a
-      total ``timeout``; redirects are not followed.
+    - The request goes through the package's one bounded HTTP client: the
+      response is bounded (``max_response_bytes``), the request has a total
+      ``timeout``, redirects are not followed and proxy environment variables
+      are ignored.
 
     Failures raise :class:`~ambient_grpc_auth.controlplane.issuers.TokenIssueError` with a
     message that names the failure but never the secret or the token. Use an
@@ -87,15 +88,14 @@ class OidcClientCredentialsIssuer:
     """
 
     def __init__(self, settings: OidcSettings, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        parts = urlsplit(settings.token_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigurationError("OIDC token_url must be an http(s) URL")
-        if (
-            parts.scheme == "http"
-            and not settings.allow_insecure_http
-            and not _is_loopback(parts.hostname)
-        ):
-            raise ConfigurationError("OIDC token_url must use https (plain http only to loopback)")
+        parts = validate_http_url(settings.token_url, what="OIDC token_url")
+        check_url_plaintext(
+            parts,
+            allow_remote=settings.allow_insecure_http,
+            sending="the client secret",
+            what="OIDC token_url",
+            allow_flag="allow_insecure_http=True",
+        )
         if not settings.client_id:
             raise ConfigurationError("OIDC client_id is required")
         if settings.timeout <= 0 or settings.default_ttl <= 0 or settings.refresh_margin < 0:
@@ -182,41 +182,26 @@ class OidcClientCredentialsIssuer:
             form["scope"] = self._s.scope
         if self._s.audience:
             form["audience"] = self._s.audience
-        headers = {"Authorization": f"Basic {basic}", "Accept": "application/json"}
-        timeout = aiohttp.ClientTimeout(total=self._s.timeout)
+        headers = {
+            "Authorization": f"Basic {basic}",
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
         self.fetch_count += 1
         try:
-            async with (
-                asyncio.timeout(self._s.timeout),
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(
-                    self._s.token_url, data=form, headers=headers, allow_redirects=False
-                ) as resp,
-            ):
-                body = await self._read_bounded(resp)
-                status = resp.status
-        except TimeoutError:
-            raise TokenIssueError("upstream token endpoint timed out") from None
-        except aiohttp.ClientError as exc:
-            raise TokenIssueError(
-                f"upstream token endpoint unreachable ({type(exc).__name__})"
-            ) from None
-        if status != 200:
-            raise TokenIssueError(f"upstream token endpoint answered HTTP {status}")
-        return self._parse(body)
-
-    async def _read_bounded(self, resp: aiohttp.ClientResponse) -> bytes:
-        limit = self._s.max_response_bytes
-        if resp.content_length is not None and resp.content_length > limit:
-            raise TokenIssueError("upstream token response too large")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_chunked(16 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise TokenIssueError("upstream token response too large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            response = await request_async(
+                self._s.token_url,
+                headers,
+                time_limit=self._s.timeout,
+                max_bytes=self._s.max_response_bytes,
+                method="POST",
+                body=urlencode(form).encode("ascii"),
+            )
+        except TransportError as exc:
+            raise TokenIssueError(f"upstream token request failed: {exc.description}") from None
+        if response.status != 200:
+            raise TokenIssueError(f"upstream token endpoint answered HTTP {response.status}")
+        return self._parse(response.body)
 
     def _parse(self, body: bytes) -> IssuedToken:
         try:

@@ -1,5 +1,10 @@
 """Token-signing keys: kid (RFC 7638 thumbprint), JWKS, rotation and reload.
 
+A key's ``kid`` is its RFC 7638 thumbprint
+(:func:`ambient_grpc_auth.jwk.jwk_thumbprint`, the same function verifiers
+use), so a key keeps its id across restarts and copies without any stored
+metadata.
+
 The signing key is RSA-2048 used with RS256, separate from the RSA-4096
 encryption key pair (see :mod:`ambient_grpc_auth.controlplane.keys` for the layout and the
 reasons). Retired keys are kept as ``signing.retired.<unix seconds>.<kid
@@ -12,10 +17,7 @@ a lock file. Errors are :class:`~ambient_grpc_auth.errors.KeyFileError`.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import re
@@ -32,6 +34,7 @@ from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth._keyfiles import directory_lock, replace_atomically
 from ambient_grpc_auth._pem import generate_rsa_key, load_private_file, private_key_pem
 from ambient_grpc_auth.errors import KeyFileError
+from ambient_grpc_auth.jwk import jwk_thumbprint
 
 __all__ = [
     "SIGNING_ALGORITHM",
@@ -40,7 +43,6 @@ __all__ = [
     "SigningKey",
     "SigningKeySet",
     "SigningKeyStore",
-    "jwk_thumbprint",
     "jwks",
     "load_signing_keys",
     "prune_retired_signing_keys",
@@ -56,22 +58,6 @@ SIGNING_ALGORITHM = "RS256"
 SIGNING_KEY_FILE = "signing.pem"
 _RETIRED_RE = re.compile(r"^signing\.retired\.(\d{1,12})\.([A-Za-z0-9_-]{1,43})\.pem$")
 _ROTATE_LOCK_FILE = ".rotate.lock"
-
-
-def jwk_thumbprint(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
-    """The RFC 7638 JWK thumbprint (SHA-256, base64url without padding).
-
-    Used as the ``kid`` of signing keys, so a key keeps its id across
-    restarts and copies without any stored metadata.
-    """
-    public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
-    jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
-    # RFC 7638 §3.2: required members only, lexicographic order, no whitespace.
-    canonical = json.dumps(
-        {"e": jwk["e"], "kty": "RSA", "n": jwk["n"]}, separators=(",", ":"), sort_keys=True
-    )
-    digest = hashlib.sha256(canonical.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def public_jwk(key: rsa.RSAPublicKey | rsa.RSAPrivateKey, kid: str | None = None) -> dict[str, Any]:
@@ -104,7 +90,7 @@ class SigningKey:
     def from_private_key(
         cls, key: rsa.RSAPrivateKey, *, retired_at: float | None = None
     ) -> SigningKey:
-        return cls(key, jwk_thumbprint(key), retired_at)
+        return cls(key, jwk_thumbprint(key.public_key()), retired_at)
 
     def public_jwk(self) -> dict[str, Any]:
         return public_jwk(self.private_key, self.kid)
@@ -195,7 +181,7 @@ def rotate_signing_key(
     current_file = directory / SIGNING_KEY_FILE
     with directory_lock(directory, _ROTATE_LOCK_FILE):
         old = load_private_file(current_file)
-        kid = jwk_thumbprint(old)
+        kid = jwk_thumbprint(old.public_key())
         retired_name = f"signing.retired.{int(clock.time())}.{kid[:16]}.pem"
         try:
             os.link(current_file, directory / retired_name)

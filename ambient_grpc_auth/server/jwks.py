@@ -15,10 +15,19 @@ JwksCache contract: the key set is fetched on first use; an unknown ``kid``
 triggers a refetch at most once per ``cooldown`` (monotonic clock), and so
 does a key set older than ``refresh_interval``. The lock is held across the
 fetch, so concurrent callers share one fetch (single flight) and then reuse
-its result. A failed fetch keeps the last good key set. Fetches are bounded
-by ``timeout`` and ``max_bytes``, never follow redirects and ignore proxy
-environment variables. The async path resolves from memory inline and runs a
-due fetch in a worker thread, so it never blocks the event loop.
+its result. A failed fetch keeps the last good key set. Fetches go through
+the package's one bounded HTTP client (:mod:`ambient_grpc_auth._http`): bounded
+by ``timeout`` and ``max_bytes``, no redirects, no proxy environment
+variables. The async path resolves from memory inline and runs a due fetch in
+a worker thread, so it never blocks the event loop.
+
+Where keys may come from: ``https`` from any host; plain ``http`` only from
+loopback and cluster-local hosts (the policy of
+:mod:`ambient_grpc_auth._locality`), unless ``allow_insecure_remote=True``.
+The same policy as for secrets applies although a JWKS is public: keys read
+over plaintext from a remote host can be replaced on the way, and whoever
+replaces them can mint tokens this server accepts; the optional
+``bearer_token_file`` value is a secret besides.
 
 Only asymmetric public keys are ever loaded: symmetric (``oct``) JWKs and
 private members are ignored, RSA keys shorter than 2048 bits are skipped.
@@ -34,19 +43,17 @@ import logging
 import os
 import ssl
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
-from ambient_grpc_auth._http import safe_url, validate_http_url
+from ambient_grpc_auth._http import TransportError, request_sync, safe_url, validate_http_url
+from ambient_grpc_auth._locality import check_url_plaintext
 from ambient_grpc_auth.errors import ConfigurationError, KeyFileError, TokenRejectedError
 from ambient_grpc_auth.jwk import (
     MIN_RSA_BITS,
@@ -75,7 +82,6 @@ DEFAULT_JWKS_REFRESH_INTERVAL = 600.0
 DEFAULT_JWKS_TIMEOUT = 5.0
 DEFAULT_JWKS_MAX_BYTES = 1024 * 1024
 _MAX_FILE_BYTES = 1024 * 1024
-_CHUNK = 64 * 1024
 
 
 class KeysUnavailableError(TokenRejectedError):
@@ -196,11 +202,6 @@ class StaticKeySet:
         return f"StaticKeySet(kids={sorted(self._keys)!r})"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a 3xx surfaces as an HTTPError, i.e. a failed fetch
-
-
 class _FetchError(Exception):
     pass
 
@@ -212,7 +213,10 @@ class JwksCache:
     ``/var/run/secrets/kubernetes.io/serviceaccount/ca.crt``);
     ``bearer_token_file`` is re-read on every fetch and sent as
     ``Authorization: Bearer`` (the Kubernetes ``/openid/v1/jwks`` endpoint may
-    require it). Thread-safe; see the module docstring for the contract.
+    require it). ``allow_insecure_remote`` permits a plain ``http`` URL whose
+    host is not loopback or cluster-local. Raises :class:`ConfigurationError`
+    for a bad URL or limits. Thread-safe; see the module docstring for the
+    contract.
     """
 
     def __init__(
@@ -227,8 +231,17 @@ class JwksCache:
         ca_file: str | os.PathLike[str] | None = None,
         bearer_token_file: str | os.PathLike[str] | None = None,
         metrics: MetricsHook | None = None,
+        allow_insecure_remote: bool = False,
     ) -> None:
-        self._display_url = safe_url(validate_http_url(url, what="JWKS URL"))
+        parts = validate_http_url(url, what="JWKS URL")
+        check_url_plaintext(
+            parts,
+            allow_remote=allow_insecure_remote,
+            sending="JWKS requests",
+            what="JWKS URL",
+            allow_flag="allow_insecure_remote=True",
+        )
+        self._display_url = safe_url(parts)
         if cooldown < 0 or refresh_interval <= 0 or timeout <= 0 or max_bytes <= 0:
             raise ConfigurationError("JWKS cache limits must be positive")
         self._url = url
@@ -239,11 +252,8 @@ class JwksCache:
         self._max_bytes = max_bytes
         self._token_file = bearer_token_file
         self._metrics = metrics
-        context = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file else None)
-        self._opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({}),
-            _NoRedirect(),
-            urllib.request.HTTPSHandler(context=context),
+        self._tls_context = ssl.create_default_context(
+            cafile=os.fspath(ca_file) if ca_file else None
         )
         self._lock = threading.Lock()  # held across a fetch: single flight
         self._keys: Mapping[str, VerificationKey] | None = None
@@ -317,46 +327,26 @@ class JwksCache:
         return True
 
     def _fetch(self) -> bytes:
-        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+        headers = {"Accept": "application/json"}
         if self._token_file is not None:
             try:
                 bearer = _read_file(self._token_file).decode("ascii").strip()
             except (KeyFileError, UnicodeDecodeError):
                 raise _FetchError("cannot read the bearer token file") from None
             headers["Authorization"] = "Bearer " + bearer
-        # The URL was validated as http(s) in __init__.
-        request = urllib.request.Request(self._url, headers=headers)  # noqa: S310
-        deadline = time.monotonic() + self._timeout
         try:
-            with self._opener.open(request, timeout=self._timeout) as response:
-                if response.status != 200:
-                    raise _FetchError(f"HTTP {response.status}")
-                return self._read_bounded(response, deadline)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            raise _FetchError(f"HTTP {exc.code}") from None
-        except urllib.error.URLError as exc:
-            raise _FetchError(f"connection failed ({type(exc.reason).__name__})") from None
-        except (OSError, ValueError) as exc:
-            raise _FetchError(type(exc).__name__) from None
-
-    def _read_bounded(self, response: Any, deadline: float) -> bytes:
-        declared = response.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
-            raise _FetchError(f"response larger than {self._max_bytes} bytes")
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            # Per-read socket timeouts alone would let a slow trickle run long.
-            if time.monotonic() > deadline:
-                raise _FetchError("timed out reading the response")
-            chunk = response.read(min(_CHUNK, self._max_bytes + 1 - total))
-            if not chunk:
-                return b"".join(chunks)
-            total += len(chunk)
-            if total > self._max_bytes:
-                raise _FetchError(f"response larger than {self._max_bytes} bytes")
-            chunks.append(chunk)
+            response = request_sync(
+                self._url,
+                headers,
+                time_limit=self._timeout,
+                max_bytes=self._max_bytes,
+                tls_context=self._tls_context,
+            )
+        except TransportError as exc:
+            raise _FetchError(exc.description) from None
+        if response.status != 200:
+            raise _FetchError(f"HTTP {response.status}")
+        return response.body
 
     def __repr__(self) -> str:
         kids = sorted(self._keys) if self._keys is not None else None

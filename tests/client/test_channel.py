@@ -51,6 +51,12 @@ R = echo_pb2.EchoRequest
         ("[::ffff:10.0.0.1]:5", ("::ffff:10.0.0.1",), 5, L.REMOTE),
         ("dns:///api.ns.svc:9000", ("api.ns.svc",), 9000, L.CLUSTER),
         ("dns://8.8.8.8/api.example.com:443", ("api.example.com",), 443, L.REMOTE),
+        # A named DNS server decides where a name points: never local.
+        ("dns://8.8.8.8/api.ns.svc:9000", ("api.ns.svc",), 9000, L.REMOTE),
+        ("dns://10.96.0.10:53/ambient-api-server:9000", ("ambient-api-server",), 9000, L.REMOTE),
+        ("dns://127.0.0.1/localhost:1", ("localhost",), 1, L.REMOTE),
+        ("dns:///ambient-api-server:9000", ("ambient-api-server",), 9000, L.CLUSTER),
+        ("dns:///127.0.0.1:1", ("127.0.0.1",), 1, L.LOOPBACK),
         ("DNS:localhost:1", ("localhost",), 1, L.LOOPBACK),
         ("api.ns.svc.cluster.local:9000", ("api.ns.svc.cluster.local",), 9000, L.CLUSTER),
         ("API.NS.SVC:1", ("API.NS.SVC",), 1, L.CLUSTER),
@@ -68,6 +74,8 @@ R = echo_pb2.EchoRequest
         ("0x7f000001:1", ("0x7f000001",), 1, L.REMOTE),
         ("my.svc.example.com:1", ("my.svc.example.com",), 1, L.REMOTE),
         ("api.cluster.local.evil.com:1", ("api.cluster.local.evil.com",), 1, L.REMOTE),
+        # Not an RFC 1123 name, so not a Kubernetes service.
+        ("my_api.ns.svc:1", ("my_api.ns.svc",), 1, L.REMOTE),
         ("  localhost:1  ", ("localhost",), 1, L.LOOPBACK),
     ],
 )
@@ -121,7 +129,14 @@ def test_parse_target_rejects_non_strings() -> None:
 
 
 @pytest.mark.parametrize(
-    "target", ["api.example.com:443", "10.1.2.3:9000", "xds:///api", "ipv4:127.0.0.1:1,8.8.8.8:1"]
+    "target",
+    [
+        "api.example.com:443",
+        "10.1.2.3:9000",
+        "xds:///api",
+        "ipv4:127.0.0.1:1,8.8.8.8:1",
+        "dns://8.8.8.8/api.ns.svc:9000",
+    ],
 )
 def test_plaintext_to_remote_hosts_is_refused(target: str) -> None:
     with pytest.raises(ConfigurationError, match="plaintext") as err:

@@ -400,6 +400,45 @@ def test_malformed_urls(public_pem: str, url: str, problem: str) -> None:
         assert "pw" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://cp.example.com/token",
+        "http://10.0.0.7:8080/token",
+        "http://cp.ns.svc.example.com/token",
+        "http://[::ffff:10.0.0.7]/token",
+    ],
+)
+def test_plaintext_to_remote_hosts_is_refused(public_pem: str, url: str) -> None:
+    """The proof gets the same policy as bearer tokens on gRPC channels."""
+    with pytest.raises(ConfigurationError, match="plaintext") as info:
+        ControlPlaneTokenSource(url, public_pem, SESSION)
+    assert "https" in str(info.value)
+    assert "allow_insecure_remote=True" in str(info.value)
+    ControlPlaneTokenSource("https" + url[4:], public_pem, SESSION)
+    ControlPlaneTokenSource(url, public_pem, SESSION, allow_insecure_remote=True)
+    env = {"AMBIENT_CP_TOKEN_URL": url, "AMBIENT_CP_TOKEN_PUBLIC_KEY": public_pem}
+    env["SESSION_ID"] = SESSION
+    with pytest.raises(ConfigurationError, match="plaintext"):
+        ControlPlaneTokenSource.from_env(env)
+    ControlPlaneTokenSource.from_env(env, allow_insecure_remote=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/token",
+        "http://[::1]/token",
+        "http://localhost/token",
+        "http://ambient-control-plane:8080/token",
+        "http://cp.ns.svc/token",
+        "http://cp.ns.svc.cluster.local:8080/token",
+    ],
+)
+def test_plaintext_to_local_hosts_is_allowed(public_pem: str, url: str) -> None:
+    ControlPlaneTokenSource(url, public_pem, SESSION)
+
+
 def test_other_configuration_errors(public_pem: str, rsa_key: rsa.RSAPrivateKey) -> None:
     url = "http://127.0.0.1:1/token"
     with pytest.raises(ConfigurationError, match="public key"):

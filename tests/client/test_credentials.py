@@ -277,6 +277,11 @@ def test_unknown_provider_and_bad_caller_token(http_server: ScriptedServer) -> N
         "http://backend.ambient.svc:8080",
         "https://backend.ambient.svc.cluster.local/base/",
         "http://backend.svc",
+        # The shared locality policy (the same as for gRPC targets):
+        "http://backend:8080",  # a short name, like the default gRPC target
+        "http://svc",
+        "http://backend.ambient.pod.cluster.local",
+        "http://[::ffff:7f00:1]",  # IPv4-mapped loopback
     ],
 )
 def test_allowed_hosts(url: str) -> None:
@@ -290,9 +295,11 @@ def test_allowed_hosts(url: str) -> None:
         ("http://evil.example.com", "not allowed"),
         ("http://10.0.0.1:8000", "not allowed"),
         ("http://169.254.169.254", "not allowed"),
-        ("http://[::ffff:7f00:1]", "not allowed"),
+        ("https://evil.example.com", "not allowed"),  # TLS does not make it in-cluster
+        ("http://[::ffff:10.0.0.1]", "not allowed"),
         ("http://127.0.0.1.nip.io", "not allowed"),
-        ("http://svc", "not allowed"),
+        ("http://2svc", "not allowed"),
+        ("http://under_score.svc", "not allowed"),
         ("http://.svc", "not allowed"),
         ("http://evil.com%2f.svc", "not allowed"),
         ("http://backend.svc.evil.com", "not allowed"),

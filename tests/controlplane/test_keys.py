@@ -24,7 +24,6 @@ from ambient_grpc_auth.controlplane.keys import (
     SigningKeySet,
     SigningKeyStore,
     ensure_keys,
-    jwk_thumbprint,
     jwks,
     k8s_secret_manifest,
     load_keys,
@@ -38,6 +37,7 @@ from ambient_grpc_auth.controlplane.keys import (
     rotate_signing_key,
 )
 from ambient_grpc_auth.errors import KeyFileError
+from ambient_grpc_auth.jwk import jwk_thumbprint
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth"}
 
@@ -295,7 +295,7 @@ def test_public_jwk_and_jwks_hold_only_public_members() -> None:
     assert keys.signing is not None
     sk = keys.signing.current
     jwk = public_jwk(sk.private_key)
-    assert jwk["kid"] == sk.kid == jwk_thumbprint(sk.private_key)
+    assert jwk["kid"] == sk.kid == jwk_thumbprint(sk.private_key.public_key())
     assert jwk["kty"] == "RSA"
     assert jwk["alg"] == "RS256"
     assert jwk["use"] == "sig"

@@ -802,6 +802,15 @@ def test_oidc_settings_validation(secret_file: Path) -> None:
     make("https://idp.example.com/token")
     make("http://idp.example.com/token", allow_insecure_http=True)
     make("http://[::1]:8080/token")
+    # The shared locality policy: plaintext also to cluster-local hosts...
+    make("http://keycloak.auth.svc.cluster.local:8080/token")
+    make("http://keycloak:8080/token")
+    # ...but never to other addresses, private ones included.
+    for remote in ("http://10.0.0.5/token", "http://[::ffff:10.0.0.5]/token"):
+        with pytest.raises(ConfigurationError, match="allow_insecure_http=True"):
+            make(remote)
+    with pytest.raises(ConfigurationError, match="user information"):
+        make("https://user:pw@idp.example.com/token")
     with pytest.raises(ConfigurationError):
         TokenServerConfig(
             keys_dir="/nonexistent",

@@ -63,7 +63,10 @@ def cache_for(server: JwksServer, clock: FakeClock, **kw: object) -> JwksCache:
 
 
 def test_thumbprint_matches_the_control_plane_keys_module() -> None:
-    assert jwk_thumbprint(signing_key().public_key()) == cp_keys.jwk_thumbprint(signing_key())
+    # The control plane names its signing keys with the same function verifiers use.
+    published = cp_keys.SigningKey.from_private_key(signing_key()).public_jwk()
+    assert published["kid"] == jwk_thumbprint(signing_key().public_key())
+    assert key_from_jwk({**published, "kid": None}).kid == published["kid"]
 
 
 def test_ec_thumbprint_is_rfc7638() -> None:
@@ -363,3 +366,29 @@ def test_bearer_token_file_is_sent_and_reread(
 def test_only_http_urls(url: str) -> None:
     with pytest.raises(ConfigurationError):
         JwksCache(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://keys.example.com/jwks", "http://10.0.0.9/jwks", "http://8.8.8.8/jwks"]
+)
+def test_plaintext_jwks_from_remote_hosts_is_refused(url: str) -> None:
+    """Keys read over plaintext from a remote host could be substituted."""
+    with pytest.raises(ConfigurationError, match="plaintext") as err:
+        JwksCache(url)
+    assert "allow_insecure_remote=True" in str(err.value)
+    JwksCache("https" + url[4:])
+    JwksCache(url, allow_insecure_remote=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/jwks",
+        "http://[::1]/jwks",
+        "http://localhost/.well-known/jwks.json",
+        "http://ambient-cp:8080/.well-known/jwks.json",
+        "http://cp.ns.svc.cluster.local/.well-known/jwks.json",
+    ],
+)
+def test_plaintext_jwks_from_local_hosts_is_allowed(url: str) -> None:
+    JwksCache(url)
