@@ -192,6 +192,10 @@ def _text(status: int, body: str, headers: dict[str, str] | None = None) -> web.
 
 def _bearer_of(request: web.Request) -> str:
     values = request.headers.getall("Authorization", [])
+    # HTTP allows one Authorization field (RFC 9110 5.3: it is not a list);
+    # gRPC metadata may repeat an identical value, HTTP/1.1 requests may not.
+    if len(values) > 1:
+        raise ProofError("header_duplicate", 401)
     try:
         return extract_bearer(
             [("authorization", v) for v in values], max_token_bytes=_MAX_BEARER_CHARS
