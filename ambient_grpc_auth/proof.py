@@ -210,14 +210,17 @@ def _parse_versioned(doc: dict[str, Any]) -> DecodedProof:
 class SessionIdRule:
     """What counts as a valid session id; violations are ProofError(..., 403).
 
-    Default (the platform's rule): at least ``min_length`` (8) characters, at
-    most ``max_length`` (256), no whitespace. Control characters and other
+    The default is the platform's rule (at least 8 characters, no
+    whitespace) with an upper bound. Control characters and other
     non-printable characters are refused as well, so that an id is always safe
-    to log. ``pattern``, when set, must also match the whole id (``fullmatch``).
+    to log.
     """
 
+    #: Fewest characters an id may have (the platform's rule: 8).
     min_length: int = 8
+    #: Most characters an id may have.
     max_length: int = 256
+    #: A regular expression the whole id must also match (``fullmatch``), if set.
     pattern: str | None = None
     _compiled: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
 

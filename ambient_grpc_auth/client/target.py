@@ -206,9 +206,13 @@ class ChannelConfig:
     malformed target or a plaintext target outside the policy raises
     :class:`ConfigurationError`, as does ``ca_cert_file`` without ``tls``."""
 
+    #: gRPC target: ``host:port``, ``[v6]:port``, ``dns:///name:port`` or ``unix:path``.
     target: str = DEFAULT_TARGET
+    #: Use TLS. Without it the target must pass the plaintext policy.
     tls: bool = False
+    #: PEM file of roots to trust with TLS (None: the system roots).
     ca_cert_file: str | None = None
+    #: Permit plaintext to a host that is neither loopback nor cluster-local.
     allow_insecure_remote: bool = False
 
     def __post_init__(self) -> None:

@@ -108,11 +108,15 @@ K8S_SECRET_NAME = "ambient-cp-token-keypair"  # noqa: S105 (a resource name)
 
 @dataclass(frozen=True)
 class KeyPaths:
-    """Where the control-plane keys live."""
+    """Where the control-plane keys live (the Secret's layout)."""
 
+    #: The key directory (a mounted Secret in Kubernetes).
     directory: Path
+    #: The RSA encryption private key, PKCS#1 PEM (``private.pem``).
     private: Path
+    #: The RSA encryption public key, SubjectPublicKeyInfo PEM (``public.pem``).
     public: Path
+    #: The token-signing key (``signing.pem``).
     signing: Path
 
     @classmethod
@@ -126,9 +130,13 @@ class CPKeys:
     """Loaded control-plane keys. ``signing`` is None only when loaded with
     ``require_signing=False`` from a directory without a signing key."""
 
+    #: Where the keys were loaded from.
     paths: KeyPaths
+    #: Decrypts runners' session proofs.
     private_key: rsa.RSAPrivateKey = field(repr=False, compare=False)
+    #: What runners encrypt their proofs to.
     public_key: rsa.RSAPublicKey = field(repr=False, compare=False)
+    #: The keys tokens are signed with (current plus retired, for the JWKS).
     signing: SigningKeySet | None
 
     @property

@@ -41,22 +41,29 @@ _MAX_SECRET_BYTES = 4096
 
 @dataclass(frozen=True, kw_only=True)
 class OidcSettings:
-    """Configuration of :class:`OidcClientCredentialsIssuer` (see there).
+    """Configuration of :class:`OidcClientCredentialsIssuer` (see there)."""
 
-    ``allow_insecure_http`` permits plain http to a ``token_url`` host that is
-    not loopback or cluster-local (see the module docs).
-    """
-
+    #: The provider's token endpoint (https, or http to loopback/cluster-local).
     token_url: str
+    #: The client id sent with HTTP Basic authentication.
     client_id: str
+    #: File holding the client secret; read on every fetch (rotation-friendly).
     client_secret_file: str | os.PathLike[str]
+    #: ``scope`` form parameter, sent when set.
     scope: str | None = None
+    #: ``audience`` form parameter (a common extension), sent when set.
     audience: str | None = None
+    #: Total time for one upstream request, seconds.
     timeout: float = 10.0
+    #: Lifetime assumed when the response has no ``expires_in`` and no JWT ``exp``.
     default_ttl: float = 300.0
+    #: Refresh this many seconds before expiry (capped at half the lifetime).
     refresh_margin: float = 30.0
+    #: After a failed fetch, fail fast for this long without calling upstream.
     failure_cooldown: float = 1.0
+    #: Largest response body read from the provider.
     max_response_bytes: int = 64 * 1024
+    #: Permit plain http to a host that is neither loopback nor cluster-local.
     allow_insecure_http: bool = False
 
 
