@@ -170,7 +170,7 @@ class AuthEngine:
         self._max_token_bytes = config.max_token_bytes
         # Per-method decisions that do not depend on the caller.
         self._plans: dict[str, tuple[bool, MethodRule]] = {}
-        # Admissions of recent (token digest, method) pairs; see _admission.
+        # Admissions of recent (token digest, method) pairs; see _authorized.
         self._memo: dict[tuple[bytes, str], Admission] = {}
         self._memo_lock = threading.Lock()
 
@@ -222,10 +222,10 @@ class AuthEngine:
         try:
             principal = self._classifier.classify(principal)
         except TokenRejectedError as exc:
-            return self._deny(step.method, exc)
-        if self._cache is not None and step.key is not None:
-            self._cache.put(step.key, principal, token_expiry(principal))
-        return self._authorized(step.method, step.rule, step.handler, step.key, principal)
+            return self._deny(step._method, exc)
+        if self._cache is not None and step._key is not None:
+            self._cache.put(step._key, principal, token_expiry(principal))
+        return self._authorized(step._method, step._rule, step._handler, step._key, principal)
 
     def _not_verified(self, step: Verification, error: Exception) -> Denial:
         if not isinstance(error, TokenRejectedError):
@@ -234,7 +234,7 @@ class AuthEngine:
             # the type is logged.
             _log.error("authenticator failed unexpectedly: %s", type(error).__name__)
             error = TokenRejectedError("authenticator_error")
-        return self._deny(step.method, error)
+        return self._deny(step._method, error)
 
     # --- steps 6-8 ---
 
@@ -309,7 +309,7 @@ class Verification:
     repr.
     """
 
-    __slots__ = ("_engine", "_token", "handler", "key", "method", "rule")
+    __slots__ = ("_engine", "_handler", "_key", "_method", "_rule", "_token")
 
     def __init__(
         self,
@@ -322,10 +322,10 @@ class Verification:
     ) -> None:
         self._engine = engine
         self._token = token
-        self.method = method
-        self.rule = rule
-        self.handler = handler
-        self.key = key
+        self._method = method
+        self._rule = rule
+        self._handler = handler
+        self._key = key
 
     def verify(self) -> Pass | Denial | Admission:
         """Verify the token and decide the call. May block (key fetch)."""
@@ -344,7 +344,7 @@ class Verification:
         return self._engine._verified(self, principal)
 
     def __repr__(self) -> str:
-        return f"Verification(method={self.method!r})"
+        return f"Verification(method={self._method!r})"
 
 
 class Admission:
