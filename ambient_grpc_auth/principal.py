@@ -59,6 +59,12 @@ _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "ambient_grpc_auth_principal", default=None
 )
 
+#: ``token = set_current_principal(p)`` ... ``reset_current_principal(token)``
+#: does what ``with principal_scope(p):`` does, without a scope object: for
+#: the server interceptors' per-call path. Not part of the public API.
+set_current_principal = _current.set
+reset_current_principal = _current.reset
+
 
 def current_principal() -> Principal | None:
     """The caller of the RPC being handled, or ``None`` when unauthenticated."""

@@ -111,7 +111,7 @@ from ambient_grpc_auth.server.aio.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import API_TOKEN_ENV, ServerAuthConfig
 from ambient_grpc_auth.server.jwks import JwksCache
-from ambient_grpc_auth.server.policy import AuthMetrics
+from ambient_grpc_auth.server.metrics import AuthMetrics
 
 __all__ = ["SoakConfig", "SoakReport", "main", "run_soak"]
 

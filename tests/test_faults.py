@@ -62,7 +62,7 @@ from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import API_TOKEN_ENV, ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet
-from ambient_grpc_auth.server.policy import AuthMetrics
+from ambient_grpc_auth.server.metrics import AuthMetrics
 
 T = TypeVar("T")
 

@@ -50,7 +50,7 @@ from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.server.jwks import JwksCache, KeySource
-from ambient_grpc_auth.server.policy import MetricsHook
+from ambient_grpc_auth.server.metrics import MetricsHook
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
@@ -176,26 +176,31 @@ class AuthenticatorChain:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrustedIssuer:
-    """One trusted token issuer.
-
-    ``issuer`` must equal the tokens' ``iss``; ``audiences`` (at least one)
-    must intersect their ``aud``; ``keys`` supplies verification keys;
-    ``algorithms`` is the allow-list (a subset of
-    :data:`SUPPORTED_ALGORITHMS`); ``leeway`` is in seconds (0 to
-    :data:`MAX_LEEWAY`); ``username_claim`` names the claim used as the
-    username (``sub`` by default; e.g. ``preferred_username``).
-    ``control_plane`` marks our control plane, whose runner tokens become
-    session-scoped service callers (see :class:`~ambient_grpc_auth.server.policy.CallerClassifier`).
+    """One trusted token issuer (immutable).
 
     Raises :class:`ConfigurationError` for invalid values.
     """
 
+    #: The issuer name; must equal the tokens' ``iss``. It selects this
+    #: configuration, and verification then checks it again.
     issuer: str
+    #: Accepted audiences (at least one; a single string is accepted too);
+    #: a token's ``aud`` must contain one of them.
     audiences: tuple[str, ...]
+    #: Where verification keys come from, by ``kid``
+    #: (:class:`~ambient_grpc_auth.server.jwks.StaticKeySet` or
+    #: :class:`~ambient_grpc_auth.server.jwks.JwksCache`).
     keys: KeySource
+    #: Allowed signature algorithms, a subset of :data:`SUPPORTED_ALGORITHMS`.
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    #: Clock skew tolerated on ``exp``/``nbf``/``iat``, in seconds (0 to
+    #: :data:`MAX_LEEWAY`).
     leeway: float = DEFAULT_LEEWAY
+    #: The claim used as the username, e.g. ``preferred_username``.
     username_claim: str = "sub"
+    #: Marks our control plane: its runner tokens become service callers
+    #: scoped to one session (see
+    #: :class:`~ambient_grpc_auth.server.policy.CallerClassifier`).
     control_plane: bool = False
 
     def __post_init__(self) -> None:

@@ -62,7 +62,7 @@ from ambient_grpc_auth.jwk import (
     parse_jwks,
     safe_kid,
 )
-from ambient_grpc_auth.server.policy import MetricsHook
+from ambient_grpc_auth.server.metrics import MetricsHook
 
 __all__ = [
     "DEFAULT_JWKS_COOLDOWN",

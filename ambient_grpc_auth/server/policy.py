@@ -14,27 +14,20 @@ Everything here is shared by the sync interceptor
   in the request and, for users only, the session's owner.
 - :func:`bypass_services` builds the selector of methods served without
   authentication (health and reflection by default).
-- :class:`AuthMetrics` counts decisions; :func:`rejection_status` maps a
-  rejection to the status code and the generic details the peer sees.
 
-Status split: UNAUTHENTICATED means no or bad credentials; PERMISSION_DENIED
-means authenticated but not allowed (including sessions that do not exist, so
-that existence is not revealed); UNAVAILABLE means the server could not decide
-right now (keys or owner lookup unavailable). The specific reason is a short
-fixed word, logged and counted server-side, never sent to the peer.
+Denial reasons are short fixed words (``missing_session_id``,
+``out_of_scope``, ``not_owner``, ``no_such_session``); the pipeline
+(:mod:`ambient_grpc_auth.server.engine`) logs and counts them and maps them to
+the status the peer sees. Counting lives in :mod:`ambient_grpc_auth.server.metrics`.
 """
 
 from __future__ import annotations
 
 import enum
 import fnmatch
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
-
-import grpc
 
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.errors import TokenRejectedError
@@ -47,16 +40,12 @@ __all__ = [
     "MAX_SESSION_ID_CHARS",
     "SESSION_SERVICE_RULES",
     "Access",
-    "AuthMetrics",
     "CallerClassifier",
     "MethodRule",
-    "MetricsHook",
-    "MetricsSnapshot",
     "OwnershipPolicy",
     "bypass_services",
     "default_bypass",
     "owner_access",
-    "rejection_status",
     "rule_session_id",
     "session_access",
 ]
@@ -88,12 +77,20 @@ class CallerClassifier:
        can influence cannot mint a name that looks like a service account.
     5. Everyone else is a user.
 
-    Immutable and thread-safe.
+    Immutable and thread-safe. Any iterable is accepted for the collection
+    fields; they are stored as frozensets and tuples.
     """
 
+    #: Usernames that are service callers (``GRPC_SERVICE_ACCOUNT``); rule 3.
     service_usernames: frozenset[str] = frozenset()
+    #: :func:`fnmatch.fnmatchcase` patterns of service-account usernames,
+    #: e.g. ``system:serviceaccount:*:session-*-sa``; rule 4.
     service_account_patterns: tuple[str, ...] = ()
+    #: Issuers whose principals the patterns apply to; ``None`` means every
+    #: issuer. Set it when a user-facing identity provider is trusted too.
     pattern_issuers: frozenset[str] | None = None
+    #: Issuers of our control plane, whose runner tokens become service
+    #: callers scoped to one session; rule 2.
     control_plane_issuers: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
@@ -151,15 +148,17 @@ def _valid_session_id(value: object) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class MethodRule:
-    """What a method requires once the caller is authenticated.
+    """What a method requires once the caller is authenticated (immutable).
 
-    ``session_field`` names the request attribute that holds the session id;
-    the call is then allowed for service callers (session-scoped ones only on
-    their own session) and for the session's owner. ``None`` means any
-    authenticated caller. ``deny`` refuses every caller.
+    With neither field set, any authenticated caller may call the method.
     """
 
+    #: The request attribute that holds the session id. When set, the call is
+    #: allowed for service callers (session-scoped ones only on their own
+    #: session) and for the session's owner, and denied to everyone else.
+    #: ``None``: the request is not read.
     session_field: str | None = None
+    #: Refuse every caller (PERMISSION_DENIED once authenticated).
     deny: bool = False
 
     @classmethod
@@ -190,13 +189,13 @@ SESSION_SERVICE_RULES: Mapping[str, MethodRule] = MappingProxyType(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OwnershipPolicy:
-    """Per-method rules keyed by full method name (``/pkg.Service/Method``).
+    """Per-method rules keyed by full method name. Immutable."""
 
-    Methods without a rule get ``default`` (:data:`ALLOW_AUTHENTICATED` unless
-    configured otherwise; use :data:`DENY` for a closed server). Immutable.
-    """
-
+    #: Rule per full method name (``/pkg.Service/Method``); stored as a
+    #: read-only copy. Default: :data:`SESSION_SERVICE_RULES`.
     rules: Mapping[str, MethodRule] = field(default_factory=lambda: SESSION_SERVICE_RULES)
+    #: The rule of methods without an entry in ``rules``. Use :data:`DENY`
+    #: for a closed server.
     default: MethodRule = ALLOW_AUTHENTICATED
 
     def __post_init__(self) -> None:
@@ -277,117 +276,3 @@ def bypass_services(services: Iterable[str]) -> Callable[[str], bool]:
 
 #: Health checks and server reflection skip authentication.
 default_bypass: Callable[[str], bool] = bypass_services(DEFAULT_BYPASS_SERVICES)
-
-
-# --- metrics -----------------------------------------------------------------
-
-
-class MetricsHook(Protocol):
-    """Receives counts of the interceptor's decisions. Implementations must be
-    thread-safe and cheap (they run on every call) and must not raise."""
-
-    def allowed(self) -> None: ...
-
-    def bypassed(self) -> None: ...
-
-    def denied(self, reason: str) -> None: ...
-
-    def cache(self, hit: bool) -> None: ...
-
-    def jwks_fetch(self, ok: bool) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsSnapshot:
-    """A point-in-time copy of :class:`AuthMetrics`."""
-
-    allowed: int
-    bypassed: int
-    denied: Mapping[str, int]
-    cache_hits: int
-    cache_misses: int
-    jwks_fetches: int
-    jwks_fetch_failures: int
-
-    @property
-    def denied_total(self) -> int:
-        return sum(self.denied.values())
-
-
-class AuthMetrics:
-    """In-memory counters implementing :class:`MetricsHook`; thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._allowed = 0
-        self._bypassed = 0
-        self._denied: dict[str, int] = {}
-        self._hits = 0
-        self._misses = 0
-        self._fetches = 0
-        self._fetch_failures = 0
-
-    def allowed(self) -> None:
-        with self._lock:
-            self._allowed += 1
-
-    def bypassed(self) -> None:
-        with self._lock:
-            self._bypassed += 1
-
-    def denied(self, reason: str) -> None:
-        with self._lock:
-            self._denied[reason] = self._denied.get(reason, 0) + 1
-
-    def cache(self, hit: bool) -> None:
-        with self._lock:
-            if hit:
-                self._hits += 1
-            else:
-                self._misses += 1
-
-    def jwks_fetch(self, ok: bool) -> None:
-        with self._lock:
-            self._fetches += 1
-            if not ok:
-                self._fetch_failures += 1
-
-    def snapshot(self) -> MetricsSnapshot:
-        with self._lock:
-            return MetricsSnapshot(
-                allowed=self._allowed,
-                bypassed=self._bypassed,
-                denied=MappingProxyType(dict(self._denied)),
-                cache_hits=self._hits,
-                cache_misses=self._misses,
-                jwks_fetches=self._fetches,
-                jwks_fetch_failures=self._fetch_failures,
-            )
-
-    def __repr__(self) -> str:
-        return f"AuthMetrics({self.snapshot()!r})"
-
-
-# --- rejection -> status -----------------------------------------------------
-
-_UNAUTH_MISSING = "authentication required"
-_UNAUTH_INVALID = "invalid credentials"
-_DENIED = "permission denied"
-_UNAVAILABLE = "authentication temporarily unavailable"
-
-
-def rejection_status(error: TokenRejectedError) -> tuple[grpc.StatusCode, str]:
-    """The status code and generic details the peer sees for ``error``.
-
-    Details are fixed strings chosen by code; the reason is never included.
-    Codes other than PERMISSION_DENIED and UNAVAILABLE become UNAUTHENTICATED,
-    so that no rejection can surface as INTERNAL or OK.
-    """
-    code = error.code
-    if code is grpc.StatusCode.PERMISSION_DENIED:
-        return code, _DENIED
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return code, _UNAVAILABLE
-    if error.reason == "missing":
-        return grpc.StatusCode.UNAUTHENTICATED, _UNAUTH_MISSING
-    return grpc.StatusCode.UNAUTHENTICATED, _UNAUTH_INVALID

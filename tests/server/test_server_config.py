@@ -29,7 +29,7 @@ from support.server import (
 )
 
 from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
+from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import Principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
@@ -42,10 +42,12 @@ from ambient_grpc_auth.server.authn import (
     StaticTokenAuthenticator,
     TrustedIssuer,
 )
-from ambient_grpc_auth.server.config import ServerAuthConfig, _AuthEngine
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.engine import Admission, AuthEngine, Denial, Verification
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import JwksCache, StaticKeySet
-from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
+from ambient_grpc_auth.server.metrics import AuthMetrics
+from ambient_grpc_auth.server.policy import MethodRule, OwnershipPolicy
 
 
 def idp(keys: Any = None, **kw: Any) -> TrustedIssuer:
@@ -106,22 +108,28 @@ class Exploding:
         raise RuntimeError(f"bug while handling {token}")
 
 
+def _verification(engine: AuthEngine, md: Any) -> Verification:
+    decision = engine.admit(ECHO + "Echo", md, object())
+    assert isinstance(decision, Verification)
+    return decision
+
+
 def test_unexpected_authenticator_errors_become_unauthenticated(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    engine = _AuthEngine(ServerAuthConfig(authenticator=Exploding()))
+    metrics = AuthMetrics()
+    engine = AuthEngine(ServerAuthConfig(authenticator=Exploding(), metrics=metrics))
     token = "secret-token-value-123"
     md = (("authorization", f"Bearer {token}"),)
     caplog.set_level(logging.DEBUG)
     for attempt in (
-        lambda: engine.authenticate(md),
-        lambda: asyncio.run(engine.authenticate_async(md)),
+        lambda: _verification(engine, md).verify(),
+        lambda: asyncio.run(_verification(engine, md).verify_async()),
     ):
-        with pytest.raises(TokenRejectedError) as err:
-            attempt()
-        assert err.value.reason == "authenticator_error"
-        assert err.value.code is grpc.StatusCode.UNAUTHENTICATED
-        assert token not in str(err.value)
+        decision = attempt()
+        assert decision == Denial(grpc.StatusCode.UNAUTHENTICATED, "invalid credentials")
+        assert token not in repr(decision)
+    assert metrics.snapshot().denied == {"authenticator_error": 2}
     assert "RuntimeError" in caplog.text
     assert token not in caplog.text
 
@@ -129,7 +137,7 @@ def test_unexpected_authenticator_errors_become_unauthenticated(
 def test_cache_disabled_verifies_every_time() -> None:
     clock = FakeClock()
     metrics = AuthMetrics()
-    engine = _AuthEngine(
+    engine = AuthEngine(
         ServerAuthConfig(
             authenticator=JwtAuthenticator(issuers=[idp()], clock=clock),
             token_cache=None,
@@ -137,8 +145,10 @@ def test_cache_disabled_verifies_every_time() -> None:
         )
     )
     md = (("authorization", "Bearer " + mint(clock.time())),)
-    assert engine.authenticate(md).username == "alice"
-    assert engine.authenticate(md).username == "alice"
+    for _ in range(2):
+        decision = _verification(engine, md).verify()
+        assert isinstance(decision, Admission)
+        assert decision.principal.username == "alice"
     snap = metrics.snapshot()
     assert (snap.cache_hits, snap.cache_misses) == (0, 0)
 

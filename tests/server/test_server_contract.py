@@ -51,7 +51,8 @@ from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import StaticKeySet
-from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
+from ambient_grpc_auth.server.metrics import AuthMetrics
+from ambient_grpc_auth.server.policy import MethodRule, OwnershipPolicy
 
 KINDS = ("sync", "aio", "aio-rw", "aio-sync")
 SA_PATTERN = "system:serviceaccount:*:session-*-sa"

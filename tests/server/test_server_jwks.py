@@ -32,7 +32,7 @@ from ambient_grpc_auth.errors import ConfigurationError, KeyFileError, TokenReje
 from ambient_grpc_auth.jwk import jwk_thumbprint, key_from_jwk, parse_jwks
 from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.server.jwks import JwksCache, KeysUnavailableError, StaticKeySet
-from ambient_grpc_auth.server.policy import AuthMetrics
+from ambient_grpc_auth.server.metrics import AuthMetrics
 
 COOLDOWN = 30.0
 

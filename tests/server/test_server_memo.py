@@ -1,10 +1,12 @@
 """The server interceptors' per-call shortcuts: the per-method plan, the
-wrapped-handler memo and the bound gate. None of them may change a decision:
+remembered admissions (with their wrapped handlers) and the bound request
+check. None of them may change a decision:
 each call is still counted, ownership is still looked up on every call, and a
 token that left the verified-token cache gets a freshly built handler."""
 
 from __future__ import annotations
 
+import asyncio
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,15 +33,17 @@ from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.server import config as serverconfig
+from ambient_grpc_auth.server import engine as serverengine
 from ambient_grpc_auth.server.aio.interceptor import (
     ServerAuthInterceptor as AioServerAuthInterceptor,
 )
 from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
-from ambient_grpc_auth.server.config import ServerAuthConfig, _AuthEngine
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.engine import Admission, AuthEngine, Verification
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import StaticKeySet
-from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
+from ambient_grpc_auth.server.metrics import AuthMetrics
+from ambient_grpc_auth.server.policy import MethodRule, OwnershipPolicy
 from ambient_grpc_auth.server.tokencache import VerifiedTokenCache
 
 RULE = MethodRule.session("session_id")
@@ -143,11 +147,11 @@ class _AbortingContext:
 
 
 def test_the_memo_and_the_plans_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serverconfig, "MAX_MEMO_ENTRIES", 8)
-    monkeypatch.setattr(serverconfig, "MAX_PLANNED_METHODS", 16)
+    monkeypatch.setattr(serverengine, "MAX_MEMO_ENTRIES", 8)
+    monkeypatch.setattr(serverengine, "MAX_PLANNED_METHODS", 16)
     clock = FakeClock()
     interceptor = ServerAuthInterceptor(config=_config(clock, {}))
-    engine: _AuthEngine = interceptor._engine
+    engine: AuthEngine = interceptor._engine
     handler = _handler()
     for index in range(30):
         token = mint(clock.time(), sub=f"user-{index}")
@@ -164,7 +168,7 @@ def test_the_memo_and_the_plans_are_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     assert health not in engine._plans
 
 
-# --- the bound gate decides exactly as check() ----------------------------------------------
+# --- the bound check decides exactly as the full decision ----------------------------------
 
 _SESSION_IDS = st.one_of(
     st.none(),
@@ -190,6 +194,26 @@ def _lookup(session_id: str) -> str | None:
     return {"s-alice": "alice", "s-bob": "bob", "x" * 256: "alice"}.get(session_id)
 
 
+class _Fixed:
+    """Authenticates every token as one given principal."""
+
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+
+    def authenticate(self, token: str) -> Principal:
+        return self.principal
+
+    async def authenticate_async(self, token: str) -> Principal:
+        return self.principal
+
+
+def _admitted(engine: AuthEngine, method: str) -> Admission:
+    decision = engine.admit(method, (("authorization", "Bearer any-token"),), _handler())
+    admission = decision.verify() if isinstance(decision, Verification) else decision
+    assert isinstance(admission, Admission)
+    return admission
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     kind=st.sampled_from(["user", "service"]),
@@ -197,29 +221,23 @@ def _lookup(session_id: str) -> str | None:
     session_id=_SESSION_IDS,
     with_lookup=st.booleans(),
 )
-def test_the_bound_gate_agrees_with_check(
+def test_the_bound_check_agrees_with_the_full_decision(
     kind: str, scope: str | None, session_id: object, with_lookup: bool
 ) -> None:
     config = ServerAuthConfig(
-        authenticator=JwtAuthenticator(
-            issuers=[
-                TrustedIssuer(
-                    issuer=IDP_ISSUER,
-                    audiences=(AUDIENCE,),
-                    keys=StaticKeySet(
-                        keys=[VerificationKey(kid=IDP_KID, key=signing_key().public_key())]
-                    ),
-                )
-            ]
-        ),
+        authenticator=_Fixed(_principal(kind, scope)),
+        ownership=OwnershipPolicy(rules={ECHO + "Echo": RULE}),
         owner_lookup=_lookup if with_lookup else None,
     )
-    engine = _AuthEngine(config)
-    principal = _principal(kind, scope)
+    engine = AuthEngine(config)
     request = types.SimpleNamespace(session_id=session_id)
-    gate = engine.gate(ECHO + "Echo", principal, RULE)
-    assert gate(request) == engine.check(ECHO + "Echo", principal, RULE, request)
-    assert engine.gate(ECHO + "Echo", principal, MethodRule())(request) is None
+    admission = _admitted(engine, ECHO + "Echo")
+    assert admission.check is not None
+    expected = admission.decide(request)
+    assert admission.check(request) == expected
+    assert asyncio.run(admission.check_async(request)) == expected
+    # A rule that reads nothing from requests has no request check at all.
+    assert _admitted(engine, ECHO + "Other").check is None
 
 
 # --- black box: real servers, sync and aio ----------------------------------------------

@@ -11,19 +11,19 @@ import pytest
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.errors import TokenRejectedError
 from ambient_grpc_auth.principal import CallerKind, Principal
+from ambient_grpc_auth.server.engine import rejection_status
+from ambient_grpc_auth.server.metrics import AuthMetrics
 from ambient_grpc_auth.server.policy import (
     ALLOW_AUTHENTICATED,
     DENY,
     SESSION_SERVICE_RULES,
     Access,
-    AuthMetrics,
     CallerClassifier,
     MethodRule,
     OwnershipPolicy,
     bypass_services,
     default_bypass,
     owner_access,
-    rejection_status,
     rule_session_id,
     session_access,
 )

@@ -41,7 +41,8 @@ from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import StaticKeySet
-from ambient_grpc_auth.server.policy import DENY, AuthMetrics, OwnershipPolicy
+from ambient_grpc_auth.server.metrics import AuthMetrics
+from ambient_grpc_auth.server.policy import DENY, OwnershipPolicy
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 

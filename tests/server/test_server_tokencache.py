@@ -28,7 +28,8 @@ from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import StaticKeySet
-from ambient_grpc_auth.server.policy import AuthMetrics, OwnershipPolicy
+from ambient_grpc_auth.server.metrics import AuthMetrics
+from ambient_grpc_auth.server.policy import OwnershipPolicy
 from ambient_grpc_auth.server.tokencache import VerifiedTokenCache, token_expiry
 
 ALICE = Principal("alice", CallerKind.USER)

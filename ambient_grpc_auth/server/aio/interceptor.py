@@ -1,8 +1,10 @@
 """API-server authentication and authorization for ``grpc.aio`` servers.
 
 :class:`ServerAuthInterceptor` is the ``grpc.aio`` twin of
-:class:`ambient_grpc_auth.server.interceptor.AuthInterceptor`, with the same pipeline,
-statuses and configuration (:class:`~ambient_grpc_auth.server.config.ServerAuthConfig`).
+:class:`ambient_grpc_auth.server.interceptor.ServerAuthInterceptor`, with the same
+pipeline (:class:`~ambient_grpc_auth.server.engine.AuthEngine`), statuses and
+configuration (:class:`~ambient_grpc_auth.server.config.ServerAuthConfig`); this
+module only turns the engine's decisions into ``grpc.aio`` handlers.
 It never blocks the event loop: cache hits, the static token and JWT checks
 with cached keys run inline (microseconds to a fraction of a millisecond), a
 JWKS fetch runs in a worker thread, and the owner lookup runs in a worker
@@ -22,29 +24,32 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 import grpc.aio
 
-from ambient_grpc_auth.errors import TokenRejectedError
-from ambient_grpc_auth.principal import Principal, _current, principal_scope
-from ambient_grpc_auth.server.config import Denial, ServerAuthConfig, _AuthEngine
-from ambient_grpc_auth.server.interceptor import _rejecting_handler as _sync_rejecting_handler
-from ambient_grpc_auth.server.interceptor import _wrap_sync_handler
-from ambient_grpc_auth.server.policy import MethodRule, MetricsHook
+from ambient_grpc_auth.principal import (
+    Principal,
+    principal_scope,
+    reset_current_principal,
+    set_current_principal,
+)
+from ambient_grpc_auth.server._handlers import Handler, rejecting_factory, wrap_sync_handler
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.engine import Admission, AuthEngine, Denial, Verification
+from ambient_grpc_auth.server.metrics import MetricsHook
 
 __all__ = ["ServerAuthInterceptor"]
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-AsyncGate = Callable[[Any], Awaitable[Denial | None]]
+AsyncCheck = Callable[[Any], Awaitable[Denial | None]]
 
 
 class ServerAuthInterceptor(grpc.aio.ServerInterceptor):
     """The ``grpc.aio`` server interceptor; see the module docstring."""
 
     def __init__(self, *, config: ServerAuthConfig) -> None:
-        self._engine = _AuthEngine(config)
+        self._engine = AuthEngine(config)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> ServerAuthInterceptor:
@@ -64,33 +69,21 @@ class ServerAuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
-        engine = self._engine
-        method = handler_call_details.method
-        bypassed, rule = engine.plan(method)
-        if bypassed:
-            engine.metrics.bypassed()
-            return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        try:
-            token, key, principal = engine.lookup(handler_call_details.invocation_metadata)
-            if principal is None:
-                principal = await engine.verify_async(token, key)
-        except TokenRejectedError as exc:
-            return _rejecting_handler(handler, engine.deny(method, exc))
-        if handler is None:
-            return None
-        if rule.deny:
-            denied = TokenRejectedError("method_denied", grpc.StatusCode.PERMISSION_DENIED)
-            return _rejecting_handler(handler, engine.deny(method, denied, principal))
-        # A caller's repeated calls to one method reuse one wrapped handler.
-        if key is not None:
-            wrapped: Handler | None = engine.memo_get(key, method, principal, handler)
-            if wrapped is not None:
-                return wrapped
-        wrapped = _wrap(handler, engine, method, principal, rule)
-        if key is not None:
-            engine.memo_put(key, method, principal, handler, wrapped)
-        return wrapped
+        decision = self._engine.admit(
+            handler_call_details.method, handler_call_details.invocation_metadata, handler
+        )
+        if isinstance(decision, Verification):
+            decision = await decision.verify_async()
+        if isinstance(decision, Admission):
+            wrapped: Handler | None = decision.wrapped
+            if wrapped is None:
+                assert handler is not None  # admissions are only made for a handler
+                wrapped = decision.wrapped = _wrap(handler, decision, self._engine.metrics)
+            return wrapped
+        if isinstance(decision, Denial):
+            return _rejecting_handler(handler, decision)
+        return handler  # Pass: bypassed, or unimplemented
 
 
 def _rejecting_handler(handler: Handler | None, denial: Denial) -> Handler:
@@ -100,14 +93,7 @@ def _rejecting_handler(handler: Handler | None, denial: Denial) -> Handler:
     async def reject(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(code, details)
 
-    shape = _sync_rejecting_handler(handler, denial)
-    factory = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(shape.request_streaming, shape.response_streaming)]
-    return factory(reject)
+    return rejecting_factory(handler)(reject)
 
 
 def _is_async(behaviour: object) -> bool:
@@ -121,46 +107,43 @@ def _behaviour(handler: Handler) -> Any:
     )
 
 
-def _wrap(
-    handler: Handler, engine: _AuthEngine, method: str, principal: Principal, rule: MethodRule
-) -> Handler:
-    metrics = engine.metrics
+def _wrap(handler: Handler, admission: Admission, metrics: MetricsHook) -> Handler:
+    """``handler`` with the admission's request check applied, the call
+    counted as allowed once the first request passes, and the principal
+    current while its behaviour runs; a wrapper of the same kind as the
+    behaviour, so grpc.aio drives it as before."""
+    principal = admission.principal
     inner = _behaviour(handler)
     if not _is_async(inner):
-        sync_gate = None
-        if rule.session_field is not None:
-            sync_gate = engine.gate(method, principal, rule)
-        return _wrap_sync_handler(handler, principal, sync_gate, metrics)
+        # grpc.aio runs sync behaviours in worker threads: a blocking check is fine.
+        return wrap_sync_handler(handler, principal, admission.check, metrics)
 
-    # Inline lookups are decided without a coroutine; others await a thread.
-    inline: Callable[[Any], Denial | None] | None = None
-    gate: AsyncGate | None = None
-    if rule.session_field is not None:
-        if engine.lookup_inline:
-            inline = engine.gate(method, principal, rule)
-            decide = inline
+    # Inline checks are decided without a coroutine; others await a thread.
+    inline = None
+    check: AsyncCheck | None = None
+    if admission.check is not None:
+        if admission.check_inline:
+            inline = decide = admission.check
 
-            async def gate(request: Any) -> Denial | None:
+            async def check(request: Any) -> Denial | None:
                 return decide(request)
 
         else:
-
-            def gate(request: Any) -> Awaitable[Denial | None]:
-                return engine.check_async(method, principal, rule, request)
+            check = admission.check_async
 
     deserializer = handler.request_deserializer
     serializer = handler.response_serializer
 
-    async def admit(request: Any, context: Any) -> None:
-        if gate is not None and (denial := await gate(request)) is not None:
+    async def start(request: Any, context: Any) -> None:
+        if check is not None and (denial := await check(request)) is not None:
             await context.abort(*denial)
         metrics.allowed()
 
     async def requests_of(requests: Any, context: Any) -> tuple[Any, Any]:
-        if gate is None:
+        if check is None:
             return requests, context
-        stream = await _GatedStream.open(context, gate)
-        return stream, _GatedContext(context, stream)
+        stream = await _CheckedStream.open(context, check)
+        return stream, _CheckedContext(context, stream)
 
     if not handler.request_streaming:
         if not handler.response_streaming:
@@ -171,18 +154,18 @@ def _wrap(
                         await context.abort(*denial)
                     metrics.allowed()
                 else:
-                    await admit(request, context)
-                scope = _current.set(principal)
+                    await start(request, context)
+                scope = set_current_principal(principal)
                 try:
                     return await inner(request, context)
                 finally:
-                    _current.reset(scope)
+                    reset_current_principal(scope)
 
             return grpc.unary_unary_rpc_method_handler(uu, deserializer, serializer)
         if inspect.isasyncgenfunction(inner):
 
             async def us_gen(request: Any, context: Any) -> AsyncIterator[Any]:
-                await admit(request, context)
+                await start(request, context)
                 async with contextlib.aclosing(_relay(principal, inner, request, context)) as out:
                     async for item in out:
                         yield item
@@ -190,7 +173,7 @@ def _wrap(
             return grpc.unary_stream_rpc_method_handler(us_gen, deserializer, serializer)
 
         async def us_rw(request: Any, context: Any) -> None:
-            await admit(request, context)
+            await start(request, context)
             with principal_scope(principal):
                 await inner(request, context)
 
@@ -245,7 +228,7 @@ async def _relay(
             await responses.aclose()
 
 
-class _GatedStream:
+class _CheckedStream:
     """The request stream of a checked streaming-request call.
 
     :meth:`open` reads and checks the first message before the handler starts
@@ -255,18 +238,18 @@ class _GatedStream:
     the prefetched first message is delivered exactly once).
     """
 
-    def __init__(self, context: Any, gate: AsyncGate, first: Any) -> None:
+    def __init__(self, context: Any, check: AsyncCheck, first: Any) -> None:
         self._context = context
-        self._gate = gate
+        self._check = check
         self._pending = first
 
     @classmethod
-    async def open(cls, context: Any, gate: AsyncGate) -> _GatedStream:
+    async def open(cls, context: Any, check: AsyncCheck) -> _CheckedStream:
         first = await context.read()
-        denial = await gate(None if first is grpc.aio.EOF else first)
+        denial = await check(None if first is grpc.aio.EOF else first)
         if denial is not None:
             await context.abort(*denial)
-        return cls(context, gate, first)
+        return cls(context, check, first)
 
     async def read(self) -> Any:
         if self._pending is not None:
@@ -274,12 +257,12 @@ class _GatedStream:
             return message
         message = await self._context.read()
         if message is not grpc.aio.EOF:
-            denial = await self._gate(message)
+            denial = await self._check(message)
             if denial is not None:
                 await self._context.abort(*denial)
         return message
 
-    def __aiter__(self) -> _GatedStream:
+    def __aiter__(self) -> _CheckedStream:
         return self
 
     async def __anext__(self) -> Any:
@@ -289,11 +272,11 @@ class _GatedStream:
         return message
 
 
-class _GatedContext:
+class _CheckedContext:
     """Forwards to the real servicer context; ``read()`` goes through the
     checked stream (the reader/writer API bypasses the request iterator)."""
 
-    def __init__(self, context: Any, stream: _GatedStream) -> None:
+    def __init__(self, context: Any, stream: _CheckedStream) -> None:
         self._context = context
         self._stream = stream
 
