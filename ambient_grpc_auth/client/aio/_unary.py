@@ -31,7 +31,7 @@ import grpc.aio
 
 from ambient_grpc_auth.client._core import InterceptorState, interceptor_state
 from ambient_grpc_auth.client._retry import UnaryRetry
-from ambient_grpc_auth.client.aio.interceptor import AuthInterceptor, final_status, get_token
+from ambient_grpc_auth.client.aio.interceptor import AuthInterceptor, final_status, token_for_call
 from ambient_grpc_auth.client.tokens import Token
 
 __all__ = ["DirectAioUnaryUnary"]
@@ -109,7 +109,7 @@ class _DirectCall(grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
         return f"_DirectCall(call={self._call!r})"
 
     async def _start(self) -> None:
-        token = await get_token(self._state)  # raises TokenUnavailableRpcError
+        token = await token_for_call(self._state)  # raises TokenUnavailableRpcError
         self._token = token
         self._call = self._send(token, self._timeout)
 

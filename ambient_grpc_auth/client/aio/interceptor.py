@@ -10,7 +10,9 @@ The mirror of :mod:`ambient_grpc_auth.client.interceptor` and
   token comes from ``get_token_async()``: the event loop is never blocked.
 - A unary-unary call, and a stream-unary call whose requests are a list or
   tuple, is retried ONCE with a fresh token after UNAUTHENTICATED, within the
-  caller's deadline. Streaming responses are not retried (see
+  caller's deadline (the decision is
+  :class:`~ambient_grpc_auth.client._retry.UnaryRetry`, shared with the sync
+  side and both direct unary paths). Streaming responses are not retried (see
   :mod:`ambient_grpc_auth.client.aio.sessions`), but every call that ends
   UNAUTHENTICATED drops its token from a refreshable source before the caller
   sees the error.
@@ -208,7 +210,7 @@ class _AuthStreamUnaryCall(_CallProxy, grpc.aio.StreamUnaryCall[Any, Any]):
             raise
 
 
-async def get_token(state: InterceptorState) -> Token:
+async def token_for_call(state: InterceptorState) -> Token:
     """``state``'s token for a grpc.aio call; raises
     :class:`TokenUnavailableRpcError` (the call is then not sent)."""
     try:
@@ -278,7 +280,7 @@ class AuthInterceptor(AuthInterceptorBase):
         state = self._state
         clock = asyncio.get_running_loop().time
         started = clock()
-        token = await get_token(state)
+        token = await token_for_call(state)
         flow = UnaryRetry(
             token, timeout=details.timeout, retry=state.retry_enabled, clock=clock, started=started
         )
@@ -310,7 +312,7 @@ class AuthInterceptor(AuthInterceptorBase):
             return await self._unary(continuation, client_call_details, request_iterator)
         # Not replayable (a generator, or call.write()): return at once, since
         # the caller's writes wait for this interceptor to finish.
-        token = await get_token(self._state)
+        token = await token_for_call(self._state)
         call = await continuation(
             _rebuild(client_call_details, token.value, client_call_details.timeout),
             request_iterator,
@@ -323,7 +325,7 @@ class AuthInterceptor(AuthInterceptorBase):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        token = await get_token(self._state)
+        token = await token_for_call(self._state)
         call = await continuation(
             _rebuild(client_call_details, token.value, client_call_details.timeout), request
         )
@@ -335,7 +337,7 @@ class AuthInterceptor(AuthInterceptorBase):
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Any,
     ) -> Any:
-        token = await get_token(self._state)
+        token = await token_for_call(self._state)
         call = await continuation(
             _rebuild(client_call_details, token.value, client_call_details.timeout),
             request_iterator,
