@@ -430,6 +430,9 @@ class InterceptorState:
         peek = getattr(token_source, "peek", None)
         self._peek: Callable[[], Token | None] | None = peek if callable(peek) else None
 
+    def __repr__(self) -> str:
+        return f"InterceptorState(source={type(self._source).__name__})"
+
     @property
     def token_source(self) -> TokenSource:
         return self._source
