@@ -23,8 +23,8 @@ from ambient_grpc_auth import demo
 from ambient_grpc_auth.claims import SESSION_ID_CLAIM
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel_from_env
-from ambient_grpc_auth.client.env import token_source_from_env
-from ambient_grpc_auth.client.sessions import push, resume_after_seq_from_env, watch
+from ambient_grpc_auth.client.env import resume_after_seq_from_env, token_source_from_env
+from ambient_grpc_auth.client.sessions import push, watch
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.keys import KeyPaths, ensure_keys, k8s_secret_manifest
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcSettings

@@ -94,6 +94,7 @@ import grpc
 import grpc.aio
 
 from ambient_grpc_auth import aio as aio_client
+from ambient_grpc_auth.client._core import status_code_of
 from ambient_grpc_auth.client.aio import sessions as aio_sessions
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
@@ -339,8 +340,8 @@ def _message_id(runner: int, payload: str) -> int | None:
 
 
 def _code_of(err: grpc.RpcError) -> grpc.StatusCode:
-    code = err.code() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else None
-    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    code = status_code_of(err)
+    return grpc.StatusCode.UNKNOWN if code is None else code
 
 
 # --------------------------------------------------------------------------- session server

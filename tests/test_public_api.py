@@ -60,11 +60,9 @@ PUBLIC: dict[str, list[str]] = {
     "client.aio.interceptor": ["AuthInterceptor", "TokenUnavailableRpcError"],
     "client.aio.sessions": [
         "DEFAULT_PUSH_TIMEOUT",
-        "RESUME_AFTER_SEQ_ENV",
         "SessionWatch",
         "WatchRetryPolicy",
         "push",
-        "resume_after_seq_from_env",
         "watch",
     ],
     "client.caching": [
@@ -92,7 +90,7 @@ PUBLIC: dict[str, list[str]] = {
         "check_backend_url",
         "parse_credential_ids",
     ],
-    "client.env": ["token_source_from_env"],
+    "client.env": ["RESUME_AFTER_SEQ_ENV", "resume_after_seq_from_env", "token_source_from_env"],
     "client.interceptor": [
         "AuthInterceptor",
         "TokenUnavailableRpcError",
@@ -100,11 +98,9 @@ PUBLIC: dict[str, list[str]] = {
     ],
     "client.sessions": [
         "DEFAULT_PUSH_TIMEOUT",
-        "RESUME_AFTER_SEQ_ENV",
         "SessionWatch",
         "WatchRetryPolicy",
         "push",
-        "resume_after_seq_from_env",
         "watch",
     ],
     "client.target": [

@@ -1,9 +1,13 @@
-"""Client-side decisions shared by the sync and grpc.aio adapters (pure, no I/O).
+"""Client-side pieces shared by the sync and grpc.aio adapters.
 
-Everything here is deterministic given its inputs (time and randomness are
-passed in), so it is unit-tested without gRPC servers and read by both
+Everything here but :class:`InterceptorState` is pure (no I/O) and
+deterministic given its inputs (time and randomness are passed in), so it is
+unit-tested without gRPC servers and read by both
 :mod:`ambient_grpc_auth.client.interceptor` and :mod:`ambient_grpc_auth.client.aio.interceptor`
-(interceptors) and by the session helpers.
+(interceptors), their direct unary paths and the session helpers.
+:class:`InterceptorState` is the state the interceptors share; it calls the
+token source. The retry-after-UNAUTHENTICATED flow is
+:mod:`ambient_grpc_auth.client._retry`.
 
 Nothing in this module is thread-safe on its own: the adapters hold the locks.
 """
@@ -13,8 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +31,8 @@ from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 __all__ = [
     "CALL_DETAIL_FIELDS",
     "DEFAULT_NON_RETRYABLE_CODES",
-    "RESUME_AFTER_SEQ_ENV",
     "TOKEN_UNAVAILABLE_DETAILS",
+    "AuthInterceptorBase",
     "ConnectivityTracker",
     "InterceptorState",
     "MessageVerdict",
@@ -41,11 +44,12 @@ __all__ = [
     "check_after_seq",
     "check_session_id",
     "full_jitter_delay",
+    "interceptor_state",
     "is_replayable",
     "plaintext_channel_options",
     "remaining_timeout",
-    "resume_after_seq_from_env",
     "session_stub",
+    "status_code_of",
     "token_error_code",
     "with_authorization",
 ]
@@ -60,8 +64,6 @@ CALL_DETAIL_FIELDS = (
     "wait_for_ready",
     "compression",
 )
-
-RESUME_AFTER_SEQ_ENV = "RESUME_AFTER_SEQ"
 
 # Local status details for a call that never left the process because no token
 # could be obtained. The TokenUnavailableError is chained as __cause__.
@@ -329,24 +331,6 @@ class WatchState:
         return WatchDecision(retry=True, delay=delay)
 
 
-def resume_after_seq_from_env(environ: Mapping[str, str] | None = None) -> int:
-    """``RESUME_AFTER_SEQ`` as an int (0 when unset or empty).
-
-    Raises :class:`ConfigurationError` for a value that is not a
-    non-negative integer.
-    """
-    env = os.environ if environ is None else environ
-    raw = env.get(RESUME_AFTER_SEQ_ENV, "").strip()
-    if not raw:
-        return 0
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
-        raise ConfigurationError(f"{RESUME_AFTER_SEQ_ENV} must be a non-negative integer")
-    value = int(raw)
-    if value > 2**63 - 1:
-        raise ConfigurationError(f"{RESUME_AFTER_SEQ_ENV} is out of range")
-    return value
-
-
 def session_stub(stub_or_channel: Any, channel_type: type, factory: Callable[[Any], Any]) -> Any:
     """A SessionService stub: built with ``factory`` on a ``channel_type``
     channel, or ``stub_or_channel`` itself when it already is a stub.
@@ -393,12 +377,32 @@ def plaintext_channel_options(
     return [(_PROXY_OPTION, 0), *options]
 
 
+def status_code_of(outcome: object) -> grpc.StatusCode | None:
+    """The status of a finished sync call, outcome or ``grpc.RpcError``
+    (grpc.aio errors too); None when it has no readable status. Never raises.
+
+    Only for outcomes that are finished: a running call's ``code()`` blocks.
+    """
+    code = getattr(outcome, "code", None)
+    if not callable(code):
+        return None
+    try:
+        value = code()
+    except Exception:  # an outcome without a readable status is not ours to judge
+        return None
+    return value if isinstance(value, grpc.StatusCode) else None
+
+
+# --- Interceptor state ------------------------------------------------------------
+
 _log = logging.getLogger("ambient_grpc_auth.client.interceptor")
 
 
 class InterceptorState:
-    """What the sync and aio client interceptors share (no I/O): the token
-    source, the reconnect decision, invalidation and the counters.
+    """What the sync and aio client interceptors and their direct unary paths
+    share: the token source, the reconnect decision, invalidation, the bearer
+    metadata and the counters. The one part of this module that calls out:
+    into the token source (which may fetch, see its own contract).
 
     ``lock`` guards the connectivity state and counters: a real lock in sync
     gRPC (callbacks arrive on gRPC's threads), a no-op in grpc.aio (one loop).
@@ -415,7 +419,7 @@ class InterceptorState:
         self._invalidate: Callable[[Token], None] | None = (
             token_source.invalidate if isinstance(token_source, RefreshableTokenSource) else None
         )
-        self._retry = retry_unauthenticated
+        self.retry_enabled = retry_unauthenticated
         self._lock = lock
         self._tracker = ConnectivityTracker()
         self._last_token: Token | None = None
@@ -427,7 +431,7 @@ class InterceptorState:
         self._peek: Callable[[], Token | None] | None = peek if callable(peek) else None
 
     def __repr__(self) -> str:
-        return f"AuthInterceptor(source={type(self._source).__name__})"
+        return f"InterceptorState(source={type(self._source).__name__})"
 
     @property
     def token_source(self) -> TokenSource:
@@ -435,32 +439,18 @@ class InterceptorState:
 
     @property
     def reconnects(self) -> int:
-        """How many times the subscribed channel came back to READY after
-        having left it (the first connect is not counted)."""
         return self._tracker.reconnects
 
     @property
     def last_state(self) -> grpc.ChannelConnectivity | None:
-        """The channel state last reported to :meth:`on_connectivity`."""
         return self._tracker.last_state
 
     @property
     def unauthenticated_retries(self) -> int:
-        """How many unary calls were retried after UNAUTHENTICATED."""
         return self._retries
 
     def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        """Channel connectivity callback: ``channel.subscribe(interceptor.on_connectivity)``.
-
-        On a reconnect (READY again after READY was left) the token that was
-        in use when the connection dropped is invalidated, so the first call
-        made after the reconnect fetches a fresh one. Calls in flight are not
-        touched; calls that race the reconnect may still carry the previous
-        token (the server answers UNAUTHENTICATED if it was revoked, and the
-        retry then uses a fresh one). Sync gRPC reports states by polling, so
-        a drop and reconnect that both happen between two polls can go
-        unnoticed; the UNAUTHENTICATED retry covers that case too.
-        """
+        """See :meth:`AuthInterceptorBase.on_connectivity`."""
         with self._lock:
             transition = self._tracker.observe(state)
             if transition is Transition.DISCONNECTED:
@@ -471,21 +461,48 @@ class InterceptorState:
             stale, self._token_at_disconnect = self._token_at_disconnect, None
         _log.info("gRPC channel reconnected; the next call uses a freshly fetched token")
         if stale is not None:
-            self._token_rejected(stale)
+            self.token_rejected(stale)
 
-    def _bearer_metadata(self, token: Token, metadata: Any) -> tuple[_MetadataPair, ...]:
-        """The metadata of a call: ``metadata`` with ``token`` as its only
-        bearer. Without caller metadata the tuple is built once per token."""
-        if metadata:
-            return with_authorization(metadata, token.value)
-        cached = self._plain_metadata
-        if cached is not None and cached[0] is token:
-            return cached[1]
-        built: tuple[_MetadataPair, ...] = (authorization_metadata(token.value),)
-        self._plain_metadata = (token, built)
-        return built
+    # --- tokens -------------------------------------------------------------------
 
-    def _peek_token(self) -> Token | None:
+    def get_token(self) -> Token:
+        """The token for a call (blocking). Raises TokenUnavailableError only
+        (anything else the source raised is mapped by :func:`as_token_error`)."""
+        try:
+            token = self._source.get_token()
+        except TokenUnavailableError:
+            raise
+        except Exception as exc:
+            raise as_token_error(exc) from exc
+        self._last_token = token
+        return token
+
+    async def get_token_async(self) -> Token:
+        """:meth:`get_token` for grpc.aio: the event loop is never blocked."""
+        try:
+            token = await self._source.get_token_async()
+        except TokenUnavailableError:
+            raise
+        except Exception as exc:
+            raise as_token_error(exc) from exc
+        self._last_token = token
+        return token
+
+    def fresh_token(self) -> Token | None:
+        """The token for a retry, or None when none can be obtained."""
+        try:
+            return self.get_token()
+        except TokenUnavailableError:
+            return None
+
+    async def fresh_token_async(self) -> Token | None:
+        """:meth:`fresh_token` for grpc.aio."""
+        try:
+            return await self.get_token_async()
+        except TokenUnavailableError:
+            return None
+
+    def peek_token(self) -> Token | None:
         """The source's token when it is usable at once (a caching source's
         hit), without waiting; ``None`` when a fetch would be needed or the
         source cannot tell."""
@@ -499,14 +516,88 @@ class InterceptorState:
             self._last_token = token
         return token
 
-    def _count_retry(self) -> None:
+    def bearer_metadata(self, token: Token, metadata: Any) -> tuple[_MetadataPair, ...]:
+        """The metadata of a call: ``metadata`` with ``token`` as its only
+        bearer. Without caller metadata the tuple is built once per token."""
+        if metadata:
+            return with_authorization(metadata, token.value)
+        cached = self._plain_metadata
+        if cached is not None and cached[0] is token:
+            return cached[1]
+        built: tuple[_MetadataPair, ...] = (authorization_metadata(token.value),)
+        self._plain_metadata = (token, built)
+        return built
+
+    def count_retry(self) -> None:
         with self._lock:
             self._retries += 1
 
-    def _token_rejected(self, token: Token) -> None:
+    def token_rejected(self, token: Token) -> None:
+        """Drop ``token`` from a refreshable source. Never raises: this runs
+        on the caller's error path and in gRPC callbacks."""
         if self._invalidate is None:
             return
         try:
             self._invalidate(token)
         except Exception as exc:  # must not break the caller's error path
             _log.warning("token source failed to invalidate a token (%s)", type(exc).__name__)
+
+
+class AuthInterceptorBase:
+    """The face both ``AuthInterceptor`` classes (sync and grpc.aio) show their
+    callers, backed by one :class:`InterceptorState` (see
+    :func:`interceptor_state`)."""
+
+    def __init__(
+        self,
+        token_source: TokenSource,
+        *,
+        retry_unauthenticated: bool,
+        lock: AbstractContextManager[Any],
+    ) -> None:
+        self._state = InterceptorState(
+            token_source, retry_unauthenticated=retry_unauthenticated, lock=lock
+        )
+
+    def __repr__(self) -> str:
+        return f"AuthInterceptor(source={type(self._state.token_source).__name__})"
+
+    @property
+    def token_source(self) -> TokenSource:
+        return self._state.token_source
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the subscribed channel came back to READY after
+        having left it (the first connect is not counted)."""
+        return self._state.reconnects
+
+    @property
+    def last_state(self) -> grpc.ChannelConnectivity | None:
+        """The channel state last reported to :meth:`on_connectivity`."""
+        return self._state.last_state
+
+    @property
+    def unauthenticated_retries(self) -> int:
+        """How many unary calls were retried after UNAUTHENTICATED."""
+        return self._state.unauthenticated_retries
+
+    def on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        """Channel connectivity callback: ``channel.subscribe(interceptor.on_connectivity)``.
+
+        On a reconnect (READY again after READY was left) the token that was
+        in use when the connection dropped is invalidated, so the first call
+        made after the reconnect fetches a fresh one. Calls in flight are not
+        touched; calls that race the reconnect may still carry the previous
+        token (the server answers UNAUTHENTICATED if it was revoked, and the
+        retry then uses a fresh one). Sync gRPC reports states by polling, so
+        a drop and reconnect that both happen between two polls can go
+        unnoticed; the UNAUTHENTICATED retry covers that case too.
+        """
+        self._state.on_connectivity(state)
+
+
+def interceptor_state(interceptor: AuthInterceptorBase) -> InterceptorState:
+    """The state behind ``interceptor``, for the package's direct unary paths
+    (they serve calls in the interceptor's name without going through it)."""
+    return interceptor._state

@@ -7,9 +7,11 @@ outcome wrapper and several closures. An :class:`AuthenticatedChannel` with
 no interceptors of the caller's own therefore serves ``stub.Method(request)``
 and ``stub.Method.with_call(request)`` here: the bearer metadata is added and
 the call goes straight to the underlying channel, with the same semantics as
-:class:`~ambient_grpc_auth.client.interceptor.AuthInterceptor` (the token is fetched from
-the interceptor's source; an UNAUTHENTICATED answer drops the token and, once,
-retries with a fresh one within the caller's deadline; no token means a
+:class:`~ambient_grpc_auth.client.interceptor.AuthInterceptor`, because it drives the
+same :class:`~ambient_grpc_auth.client._retry.UnaryRetry` flow over the same
+interceptor state (the token is fetched from the interceptor's source; an
+UNAUTHENTICATED answer drops the token and, once, retries with a fresh one
+within the caller's deadline; no token means a
 :class:`~ambient_grpc_auth.client.interceptor.TokenUnavailableRpcError` and nothing is
 sent). ``.future()`` goes through the interceptor. Not part of the API.
 """
@@ -21,24 +23,25 @@ from typing import Any
 
 import grpc
 
-from ambient_grpc_auth.client.interceptor import AuthInterceptor, TokenUnavailableRpcError, _code_of
+from ambient_grpc_auth.client._core import interceptor_state, status_code_of
+from ambient_grpc_auth.client._retry import UnaryRetry
+from ambient_grpc_auth.client.interceptor import AuthInterceptor, TokenUnavailableRpcError
 from ambient_grpc_auth.errors import TokenUnavailableError
 
 __all__ = ["DirectUnaryUnary"]
-
-_UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 
 class DirectUnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary multicallable that adds the bearer itself; ``future``
     is served by ``fallback`` (the same method through the interceptor)."""
 
-    __slots__ = ("_auth", "_fallback", "_raw")
+    __slots__ = ("_auth", "_fallback", "_raw", "_state")
 
     def __init__(self, raw: Any, fallback: Any, interceptor: AuthInterceptor) -> None:
         self._raw = raw
         self._fallback = fallback
         self._auth = interceptor
+        self._state = interceptor_state(interceptor)
 
     def __repr__(self) -> str:
         return f"DirectUnaryUnary(interceptor={self._auth!r})"
@@ -103,39 +106,33 @@ class DirectUnaryUnary(grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
     ) -> Any:
-        auth = self._auth
+        """The mirror of :meth:`ambient_grpc_auth.client.interceptor.AuthInterceptor._unary`,
+        with failures raised instead of returned."""
+        state = self._state
         started = time.monotonic()
         try:
-            token = auth._get_token()
+            token = state.get_token()
         except TokenUnavailableError as exc:
             raise TokenUnavailableRpcError(exc) from exc
-        try:
-            return send(
-                request,
-                timeout=timeout,
-                metadata=auth._bearer_metadata(token, metadata),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-        except grpc.RpcError as rejected:
-            if _code_of(rejected) is not _UNAUTHENTICATED:
-                raise
-            auth._token_rejected(token)
-            retry = auth._retry_after(token, timeout, time.monotonic() - started)
-            if retry is None:
-                raise
-            fresh, remaining = retry
-        try:
-            return send(
-                request,
-                timeout=remaining,
-                metadata=auth._bearer_metadata(fresh, metadata),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-        except grpc.RpcError as again:
-            if _code_of(again) is _UNAUTHENTICATED:
-                auth._token_rejected(fresh)
-            raise
+        flow = UnaryRetry(
+            token, timeout=timeout, retry=state.retry_enabled, clock=time.monotonic, started=started
+        )
+        call_timeout = timeout
+        while True:
+            try:
+                return send(
+                    request,
+                    timeout=call_timeout,
+                    metadata=state.bearer_metadata(flow.token, metadata),
+                    credentials=credentials,
+                    wait_for_ready=wait_for_ready,
+                    compression=compression,
+                )
+            except grpc.RpcError as err:
+                step = flow.after(status_code_of(err))
+                if step.drop is not None:
+                    state.token_rejected(step.drop)
+                if not step.retry or not flow.use(state.fresh_token()):
+                    raise
+                state.count_retry()
+                call_timeout = step.timeout

@@ -18,8 +18,13 @@ from ambient_grpc_auth.client.tokens import (
 from ambient_grpc_auth.errors import ConfigurationError
 
 __all__ = [
+    "RESUME_AFTER_SEQ_ENV",
+    "resume_after_seq_from_env",
     "token_source_from_env",
 ]
+
+# Where a runner's session watch starts when it is not told otherwise.
+RESUME_AFTER_SEQ_ENV = "RESUME_AFTER_SEQ"
 
 
 def token_source_from_env(
@@ -54,3 +59,22 @@ def token_source_from_env(
             f"where {service_account_token_path} exists"
         )
     return CachingTokenSource(source, clock=clock)
+
+
+def resume_after_seq_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """``RESUME_AFTER_SEQ`` as an int (0 when unset or empty), for the
+    ``after_seq`` of :func:`ambient_grpc_auth.client.sessions.watch`.
+
+    Raises :class:`ConfigurationError` for a value that is not a
+    non-negative integer.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(RESUME_AFTER_SEQ_ENV, "").strip()
+    if not raw:
+        return 0
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
+        raise ConfigurationError(f"{RESUME_AFTER_SEQ_ENV} must be a non-negative integer")
+    value = int(raw)
+    if value > 2**63 - 1:
+        raise ConfigurationError(f"{RESUME_AFTER_SEQ_ENV} is out of range")
+    return value

@@ -20,9 +20,18 @@ When no token can be obtained the call is not sent: the caller gets a
 :class:`~ambient_grpc_auth.errors.TokenUnavailableError` as ``__cause__`` and
 as ``token_error``.
 
-``stub.Method.future(request)`` works and carries the bearer; a future that
-ends UNAUTHENTICATED drops its token but is not retried (retrying would need a
-thread per failed call); the caller's next call uses a fresh token.
+``stub.Method.future(request)`` works and carries the bearer. A future is
+never retried: it reports the server's UNAUTHENTICATED, whether the answer
+arrived before the interceptor looked at the future or later (retrying
+transparently would need a thread per failed call, since gRPC runs done
+callbacks on its own threads and a fresh token may take a fetch). Its token
+is still dropped, before the caller sees the outcome (``result()``,
+``exception()``, ``code()`` or a done callback), so the caller's next call
+carries a fresh token.
+
+The retry decision itself is :class:`~ambient_grpc_auth.client._retry.UnaryRetry`,
+shared with the direct path (:mod:`ambient_grpc_auth.client._unary`) and the
+grpc.aio mirrors.
 
 :func:`bearer_call_credentials` is the alternative for TLS channels; see its
 caveats. Channels are built by :mod:`ambient_grpc_auth.client.channel`.
@@ -43,12 +52,14 @@ import grpc
 from ambient_grpc_auth._bearer import authorization_metadata
 from ambient_grpc_auth.client._core import (
     TOKEN_UNAVAILABLE_DETAILS,
+    AuthInterceptorBase,
     InterceptorState,
     as_token_error,
     is_replayable,
-    remaining_timeout,
+    status_code_of,
     token_error_code,
 )
+from ambient_grpc_auth.client._retry import UnaryRetry
 from ambient_grpc_auth.client.tokens import Token, TokenSource
 from ambient_grpc_auth.errors import TokenUnavailableError
 
@@ -180,35 +191,45 @@ class TokenUnavailableRpcError(grpc.RpcError, grpc.Call, _Future):
         raise self
 
 
-class _AuthStreamCall(grpc.Call, _Future):
-    """A response-streaming call that reports UNAUTHENTICATED to the interceptor
-    before the caller sees the error, so a caller that retries at once already
-    gets a fresh token. Everything else is delegated to the wrapped call."""
+class _AuthCall(grpc.Call, _Future):
+    """A call that is still running when the interceptor hands it to the
+    caller (a response stream, or a ``.future()``): it reports
+    UNAUTHENTICATED to the interceptor state before the caller sees it, so a
+    caller that calls again at once already gets a fresh token. Everything
+    else is delegated to the wrapped call.
 
-    __slots__ = ("_call", "_interceptor", "_reported", "_token")
+    The report is made once, by whichever comes first: gRPC's done callback
+    (registered before any of the caller's, so it runs before theirs; at
+    once if the call already finished) or the caller reading the outcome
+    (``result()``, ``exception()``, ``code()``, iteration).
+    """
 
-    def __init__(self, call: Any, interceptor: AuthInterceptor, token: Token) -> None:
+    __slots__ = ("_call", "_lock", "_state", "_token")
+
+    def __init__(self, call: Any, state: InterceptorState, token: Token) -> None:
         self._call = call
-        self._interceptor = interceptor
-        self._token = token
-        self._reported = False
+        self._state = state
+        self._token: Token | None = token
+        self._lock = threading.Lock()
         add = getattr(call, "add_done_callback", None)
         if add is not None:
             add(self._on_done)
 
     def __repr__(self) -> str:
-        return f"_AuthStreamCall({self._call!r})"
+        return f"_AuthCall({self._call!r})"
 
     def _report(self, code: grpc.StatusCode | None) -> None:
-        if code is _UNAUTHENTICATED and not self._reported:
-            self._reported = True
-            self._interceptor._token_rejected(self._token)
+        if code is not _UNAUTHENTICATED:
+            return
+        # gRPC's callback thread and the caller's thread may both get here.
+        with self._lock:
+            token, self._token = self._token, None
+        if token is not None:
+            self._state.token_rejected(token)
 
     def _on_done(self, call: Any) -> None:
-        try:
-            self._report(call.code())
-        except Exception:  # a callback must never raise into gRPC
-            _log.debug("could not read the status of a finished stream", exc_info=True)
+        # status_code_of never raises: a callback must never raise into gRPC.
+        self._report(status_code_of(call))
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -217,13 +238,14 @@ class _AuthStreamCall(grpc.Call, _Future):
         try:
             return next(self._call)
         except grpc.RpcError as err:
-            code = err.code() if isinstance(err, grpc.Call) else None
-            self._report(code)
+            self._report(status_code_of(err))
             raise
 
     # grpc.Call
     def code(self) -> grpc.StatusCode:
-        return self._call.code()  # type: ignore[no-any-return]
+        code: grpc.StatusCode = self._call.code()
+        self._report(code)
+        return code
 
     def details(self) -> str:
         return self._call.details()  # type: ignore[no-any-return]
@@ -257,10 +279,17 @@ class _AuthStreamCall(grpc.Call, _Future):
         return self._call.done()  # type: ignore[no-any-return]
 
     def result(self, timeout: float | None = None) -> Any:
-        return self._call.result(timeout)
+        try:
+            return self._call.result(timeout)
+        except grpc.RpcError as err:
+            self._report(status_code_of(err))
+            raise
 
     def exception(self, timeout: float | None = None) -> Any:
-        return self._call.exception(timeout)
+        err = self._call.exception(timeout)
+        if err is not None:
+            self._report(status_code_of(err))
+        return err
 
     def traceback(self, timeout: float | None = None) -> Any:
         return self._call.traceback(timeout)
@@ -269,27 +298,21 @@ class _AuthStreamCall(grpc.Call, _Future):
         self._call.add_done_callback(lambda _call: fn(self))
 
 
-def _finished(outcome: Any) -> bool:
-    # The blocking paths (stub.Method(req), .with_call) hand the interceptor a
-    # finished outcome; .future() hands it a running future. Duck-typed: ABC
-    # isinstance checks would cost more than the rest of the interceptor.
-    done = getattr(outcome, "done", None)
-    return done is not None and bool(done())
+def _is_running_call(outcome: Any) -> bool:
+    """True for gRPC's call object itself, which is what a unary continuation
+    returns for ``.future()``; False for the settled outcome it returns for a
+    blocking call (``stub.Method(req)``, ``.with_call``).
 
-
-def _code_of(outcome: Any) -> grpc.StatusCode | None:
-    code = getattr(outcome, "code", None)
-    if code is None:
-        return None
-    try:
-        value = code()
-    except Exception:  # an outcome without a readable status is not ours to judge
-        return None
-    return value if isinstance(value, grpc.StatusCode) else None
+    Whether the call has already finished says nothing here: a future can
+    finish before the interceptor looks at it. gRPC's call objects are also
+    response iterators, its settled outcomes are not; duck-typed because ABC
+    isinstance checks would cost more than the rest of the interceptor.
+    """
+    return hasattr(outcome, "__next__")
 
 
 class AuthInterceptor(
-    InterceptorState,
+    AuthInterceptorBase,
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
@@ -314,47 +337,6 @@ class AuthInterceptor(
             token_source, retry_unauthenticated=retry_unauthenticated, lock=threading.Lock()
         )
 
-    # --- token plumbing ------------------------------------------------------
-
-    def _get_token(self) -> Token:
-        try:
-            token = self._source.get_token()
-        except TokenUnavailableError:
-            raise
-        except Exception as exc:
-            raise as_token_error(exc) from exc
-        self._last_token = token
-        return token
-
-    def _retry_after(
-        self, rejected: Token, timeout: float | None, elapsed: float
-    ) -> tuple[Token, float | None] | None:
-        """After ``rejected`` got UNAUTHENTICATED on a replayable call: the
-        fresh token and the timeout left for the one retry, or ``None`` when
-        not retrying (retries off, deadline spent, no token, or the source
-        gave the same token again, as a static source does)."""
-        if not self._retry:
-            return None
-        remaining = remaining_timeout(timeout, elapsed)
-        if remaining is not None and remaining <= 0:
-            return None
-        try:
-            fresh = self._get_token()
-        except TokenUnavailableError:
-            return None  # the server's answer is more useful than ours
-        if fresh.value == rejected.value:
-            return None
-        self._count_retry()
-        return fresh, remaining
-
-    def _after_future(self, token: Token, future: Any) -> None:
-        try:
-            code = future.code()
-        except Exception:  # a callback must never raise into gRPC
-            return
-        if code is _UNAUTHENTICATED:
-            self._token_rejected(token)
-
     # --- the four shapes -----------------------------------------------------
 
     def _unary(
@@ -366,37 +348,39 @@ class AuthInterceptor(
         replayable: bool,
     ) -> Any:
         """``request()`` gives the request (or a fresh request iterator) for
-        each attempt."""
+        each attempt. Drives :class:`~ambient_grpc_auth.client._retry.UnaryRetry`;
+        the mirror of :meth:`ambient_grpc_auth.client._unary.DirectUnaryUnary._invoke`."""
+        state = self._state
         started = time.monotonic()
         try:
-            token = self._get_token()
+            token = state.get_token()
         except TokenUnavailableError as exc:
             _log.debug("no token for %s: %s", details.method, exc)
             return TokenUnavailableRpcError(exc)
+        flow = UnaryRetry(
+            token,
+            timeout=details.timeout,
+            retry=replayable and state.retry_enabled,
+            clock=time.monotonic,
+            started=started,
+        )
         outcome = continuation(
-            _rebuild(details, self._bearer_metadata(token, details.metadata), details.timeout),
+            _rebuild(details, state.bearer_metadata(token, details.metadata), details.timeout),
             request(),
         )
-        if not _finished(outcome):
-            add_done_callback = getattr(outcome, "add_done_callback", None)
-            if add_done_callback is not None:
-                add_done_callback(lambda fut: self._after_future(token, fut))
-            return outcome
-        if _code_of(outcome) is not _UNAUTHENTICATED:
-            return outcome
-        self._token_rejected(token)
-        if not replayable:
-            return outcome
-        retry = self._retry_after(token, details.timeout, time.monotonic() - started)
-        if retry is None:
-            return outcome
-        fresh, timeout = retry
-        second = continuation(
-            _rebuild(details, self._bearer_metadata(fresh, details.metadata), timeout), request()
-        )
-        if _finished(second) and _code_of(second) is _UNAUTHENTICATED:
-            self._token_rejected(fresh)
-        return second
+        if _is_running_call(outcome):
+            # A .future(): not retried, whether or not it has finished already
+            # (module docs); its rejected token is still dropped.
+            return _AuthCall(outcome, state, token)
+        while True:
+            step = flow.after(status_code_of(outcome))
+            if step.drop is not None:
+                state.token_rejected(step.drop)
+            if not step.retry or not flow.use(state.fresh_token()):
+                return outcome
+            state.count_retry()
+            metadata = state.bearer_metadata(flow.token, details.metadata)
+            outcome = continuation(_rebuild(details, metadata, step.timeout), request())
 
     def _streaming(
         self,
@@ -404,16 +388,17 @@ class AuthInterceptor(
         details: grpc.ClientCallDetails,
         request: Any,
     ) -> Any:
+        state = self._state
         try:
-            token = self._get_token()
+            token = state.get_token()
         except TokenUnavailableError as exc:
             _log.debug("no token for %s: %s", details.method, exc)
             return TokenUnavailableRpcError(exc)
         call = continuation(
-            _rebuild(details, self._bearer_metadata(token, details.metadata), details.timeout),
+            _rebuild(details, state.bearer_metadata(token, details.metadata), details.timeout),
             request,
         )
-        return _AuthStreamCall(call, self, token)
+        return _AuthCall(call, state, token)
 
     def intercept_unary_unary(
         self,

@@ -44,24 +44,21 @@ import grpc
 
 from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.client._core import (
-    RESUME_AFTER_SEQ_ENV,
     MessageVerdict,
     WatchRetryPolicy,
     WatchState,
     check_after_seq,
     check_session_id,
-    resume_after_seq_from_env,
     session_stub,
+    status_code_of,
 )
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 
 __all__ = [
     "DEFAULT_PUSH_TIMEOUT",
-    "RESUME_AFTER_SEQ_ENV",
     "SessionWatch",
     "WatchRetryPolicy",
     "push",
-    "resume_after_seq_from_env",
     "watch",
 ]
 
@@ -77,15 +74,6 @@ def _stub(stub_or_channel: Any) -> Any:
 
 _check_session_id = check_session_id
 _check_after_seq = check_after_seq
-
-
-def _code_of(err: grpc.RpcError) -> grpc.StatusCode:
-    code = getattr(err, "code", None)
-    try:
-        value = code() if callable(code) else None
-    except Exception:  # an error object without a readable status
-        value = None
-    return value if isinstance(value, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 def _token_error(err: BaseException) -> Any:
@@ -229,7 +217,8 @@ class SessionWatch(Iterator[sessions_pb2.SessionMessage]):
                 self._drop_call(call, cancel=False)
                 if self._closed.is_set():
                     raise StopIteration from None
-                self._after_end(_code_of(err), err)
+                code = status_code_of(err)
+                self._after_end(grpc.StatusCode.UNKNOWN if code is None else code, err)
                 continue
             verdict = self._state.on_message(message.seq)
             if verdict is MessageVerdict.DELIVER:
@@ -260,7 +249,8 @@ def watch(
     ``stub_or_channel`` is a ``grpc.Channel`` (normally an
     :class:`~ambient_grpc_auth.client.channel.AuthenticatedChannel`) or a
     ``SessionServiceStub``. ``after_seq`` None means 0 (everything); pass
-    ``resume_after_seq_from_env()`` to honour ``RESUME_AFTER_SEQ``.
+    ``resume_after_seq_from_env()`` (from :mod:`ambient_grpc_auth.client.env`)
+    to honour ``RESUME_AFTER_SEQ``.
     ``sleep`` (default: a wait that :meth:`SessionWatch.close` interrupts),
     ``random`` and ``clock`` are injectable for tests. No call is made until
     the first ``next()``. Raises ValueError/TypeError for bad arguments.

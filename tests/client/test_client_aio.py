@@ -27,6 +27,7 @@ from support.client import (
 )
 
 from ambient_grpc_auth._clock import FakeClock
+from ambient_grpc_auth.client._core import interceptor_state
 from ambient_grpc_auth.client.aio.channel import AuthenticatedChannel, create_channel
 from ambient_grpc_auth.client.aio.interceptor import AuthInterceptor, TokenUnavailableRpcError
 from ambient_grpc_auth.client.caching import CachingTokenSource
@@ -553,8 +554,7 @@ async def test_watcher_counts_a_reconnect_it_only_saw_as_a_change() -> None:
 
     source = CountingSource()
     interceptor = AuthInterceptor(source)
-    stale = source.get_token()
-    interceptor._last_token = stale
+    stale = await interceptor_state(interceptor).get_token_async()  # the token in use
     channel = AuthenticatedChannel(ScriptedChannel(ready, ready, shutdown), interceptor)  # type: ignore[arg-type]
     await async_wait_until(lambda: channel._watcher is not None and channel._watcher.done())
     assert channel.reconnects == 1

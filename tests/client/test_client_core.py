@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ambient_grpc_auth.client import _core as core
 from ambient_grpc_auth.client.aio.interceptor import _rebuild as aio_rebuild
+from ambient_grpc_auth.client.env import resume_after_seq_from_env
 from ambient_grpc_auth.client.interceptor import _CallDetails, _rebuild
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 
@@ -359,13 +360,13 @@ def test_policy_rejects_bad_values(kwargs: dict[str, float]) -> None:
 )
 def test_resume_after_seq_from_env(raw: str | None, expected: int) -> None:
     env = {} if raw is None else {"RESUME_AFTER_SEQ": raw}
-    assert core.resume_after_seq_from_env(env) == expected
+    assert resume_after_seq_from_env(env) == expected
 
 
 @pytest.mark.parametrize("raw", ["-1", "abc", "1.5", "²", "99999999999999999999", "1e3"])
 def test_resume_after_seq_rejects_garbage(raw: str) -> None:
     with pytest.raises(ConfigurationError, match="RESUME_AFTER_SEQ"):
-        core.resume_after_seq_from_env({"RESUME_AFTER_SEQ": raw})
+        resume_after_seq_from_env({"RESUME_AFTER_SEQ": raw})
 
 
 def test_plaintext_channels_turn_the_http_proxy_off() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -304,10 +304,62 @@ def test_future_unauthenticated_drops_the_token(server: EchoServer, source: Coun
         future = stub.Echo.future(R(text="f"))
         assert future.exception(timeout=5) is not None
         assert future.code() is UNAUTH
-        wait_until(lambda: source.current is None)
+        # Dropped before the caller saw the outcome: no waiting needed.
+        assert source.invalidated == ["tok-1"]
+        assert server.auth.tokens(ECHO) == ["tok-1"]  # a future is never retried
         assert stub.Echo.future(R(text="f")).result(timeout=5).caller == "Bearer tok-2"
     finally:
         channel.close()
+
+
+class _FinishFirst(grpc.UnaryUnaryClientInterceptor):
+    """Installed under the auth interceptor: hands it the future of a
+    ``.future()`` call only once the server's answer has arrived, i.e. the
+    fastest possible answer, every time."""
+
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], Any],
+        client_call_details: grpc.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        outcome = continuation(client_call_details, request)
+        outcome.exception()  # waits until the call has finished
+        return outcome
+
+
+def test_future_answered_before_the_interceptor_looks_reports_unauthenticated(
+    server: EchoServer, source: CountingSource
+) -> None:
+    server.auth.revoke("tok-1")
+    with grpc.insecure_channel(server.target) as raw:
+        finished_first = grpc.intercept_channel(raw, _FinishFirst())
+        stub = echo_pb2_grpc.EchoServiceStub(
+            grpc.intercept_channel(finished_first, AuthInterceptor(source))
+        )
+        future = stub.Echo.future(R(text="f"))
+        assert future.done()
+        err = future.exception(timeout=5)
+        assert isinstance(err, grpc.RpcError)
+        assert err.code() is UNAUTH
+        assert future.code() is UNAUTH
+        with pytest.raises(grpc.RpcError):
+            future.result(timeout=5)
+        # The same contract as a future answered later: not retried, the
+        # rejected token dropped (once) before the caller saw the outcome.
+        assert server.auth.tokens(ECHO) == ["tok-1"]
+        assert source.invalidated == ["tok-1"]
+        seen: list[grpc.StatusCode] = []
+        future.add_done_callback(lambda done: seen.append(done.code()))
+        assert seen == [UNAUTH]
+        assert stub.Echo.future(R(text="f")).result(timeout=5).caller == "Bearer tok-2"
+        # Blocking calls on the same stack are still retried once.
+        server.auth.revoke("tok-2")
+        reply, call = stub.Echo.with_call(R(text="w"))
+        assert reply.caller == "Bearer tok-3"
+        assert call.code() is grpc.StatusCode.OK
+        assert server.auth.tokens(ECHO) == ["tok-1", "tok-2", "tok-2", "tok-3"]
+        assert source.invalidated == ["tok-1", "tok-2"]
 
 
 # --- no token -----------------------------------------------------------------------------

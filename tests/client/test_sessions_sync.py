@@ -26,11 +26,11 @@ from support.client import (
 from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel
+from ambient_grpc_auth.client.env import resume_after_seq_from_env
 from ambient_grpc_auth.client.sessions import (
     SessionWatch,
     WatchRetryPolicy,
     push,
-    resume_after_seq_from_env,
     watch,
 )
 from ambient_grpc_auth.client.tokens import TokenSource

@@ -1,16 +1,18 @@
 """The direct path of unary-unary calls on a grpc.aio
-:class:`~ambient_grpc_auth.client.aio.interceptor.AuthenticatedChannel`.
+:class:`~ambient_grpc_auth.client.aio.channel.AuthenticatedChannel`.
 
 grpc.aio runs every intercepted call through an extra task and several
-wrapper objects. A channel made by :func:`~ambient_grpc_auth.client.aio.interceptor.create_channel`
+wrapper objects. A channel made by :func:`~ambient_grpc_auth.client.aio.channel.create_channel`
 without interceptors of the caller's own therefore serves unary-unary calls
 here instead: when the token source has a usable token at hand (a
 :class:`~ambient_grpc_auth.client.caching.CachingTokenSource` hit) the call is sent at
 once with the bearer, exactly like a plain grpc.aio call; otherwise a task
-fetches the token first. The contract of the interceptor holds: an
-UNAUTHENTICATED answer drops the token and, once, retries with a fresh one
-within the caller's deadline; without a token nothing is sent and the call
-fails with :class:`~ambient_grpc_auth.client.aio.interceptor.TokenUnavailableRpcError`.
+fetches the token first. The contract of the interceptor holds, because this
+path drives the same :class:`~ambient_grpc_auth.client._retry.UnaryRetry` flow over
+the same interceptor state: an UNAUTHENTICATED answer drops the token and,
+once, retries with a fresh one within the caller's deadline; without a token
+nothing is sent and the call fails with
+:class:`~ambient_grpc_auth.client.aio.interceptor.TokenUnavailableRpcError`.
 
 The retry happens when the outcome is asked for (``await call``,
 ``code()``, ``details()``, ``initial_metadata()``, ``trailing_metadata()``);
@@ -22,28 +24,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import grpc.aio
 
-if TYPE_CHECKING:
-    from ambient_grpc_auth.client.aio.interceptor import AuthInterceptor
-    from ambient_grpc_auth.client.tokens import Token
+from ambient_grpc_auth.client._core import InterceptorState, interceptor_state
+from ambient_grpc_auth.client._retry import UnaryRetry
+from ambient_grpc_auth.client.aio.interceptor import AuthInterceptor, final_status, token_for_call
+from ambient_grpc_auth.client.tokens import Token
 
 __all__ = ["DirectAioUnaryUnary"]
-
-_UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 
 class DirectAioUnaryUnary(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     """A unary-unary multicallable adding the bearer itself."""
 
-    __slots__ = ("_auth", "_raw")
+    __slots__ = ("_auth", "_raw", "_state")
 
     def __init__(self, raw: Any, interceptor: AuthInterceptor) -> None:
         self._raw = raw
         self._auth = interceptor
+        self._state = interceptor_state(interceptor)
 
     def __repr__(self) -> str:
         return f"DirectAioUnaryUnary(interceptor={self._auth!r})"
@@ -62,13 +64,13 @@ class DirectAioUnaryUnary(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[typ
             return self._raw(
                 request,
                 timeout=call_timeout,
-                metadata=self._auth._bearer_metadata(token, metadata),
+                metadata=self._state.bearer_metadata(token, metadata),
                 credentials=credentials,
                 wait_for_ready=wait_for_ready,
                 compression=compression,
             )
 
-        return _DirectCall(self._auth, send, timeout)
+        return _DirectCall(self._state, send, timeout)
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
@@ -83,17 +85,17 @@ class _DirectCall(grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
 
     def __init__(
         self,
-        auth: AuthInterceptor,
+        state: InterceptorState,
         send: Callable[[Token, float | None], Any],
         timeout: float | None,
     ) -> None:
-        self._auth = auth
+        self._state = state
         self._send = send
         self._timeout = timeout
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
         self._final: asyncio.Future[Any] | None = None
-        token = auth._peek_token()
+        token = state.peek_token()
         self._token = token
         self._call: Any = None
         self._starting: asyncio.Task[None] | None = None
@@ -107,7 +109,7 @@ class _DirectCall(grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
         return f"_DirectCall(call={self._call!r})"
 
     async def _start(self) -> None:
-        token = await self._auth._get_token()  # raises TokenUnavailableRpcError
+        token = await token_for_call(self._state)  # raises TokenUnavailableRpcError
         self._token = token
         self._call = self._send(token, self._timeout)
 
@@ -117,23 +119,28 @@ class _DirectCall(grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
         return self._call
 
     async def _settle(self) -> Any:
-        """The attempt whose outcome is the call's (the retry, if any)."""
+        """The attempt whose outcome is the call's (the retry, if any). The
+        mirror of :meth:`ambient_grpc_auth.client.aio.interceptor.AuthInterceptor._unary`."""
         call = await self._current()
         token = self._token
         assert token is not None
-        if await self._auth._code(call) is not _UNAUTHENTICATED:
-            return call
-        auth = self._auth
-        auth._token_rejected(token)
-        retry = await auth._retry_after(token, self._timeout, self._loop.time() - self._started)
-        if retry is None:
-            return call
-        fresh, timeout = retry
-        second = self._send(fresh, timeout)
-        self._call, self._token = second, fresh
-        if await self._auth._code(second) is _UNAUTHENTICATED:
-            auth._token_rejected(fresh)
-        return second
+        state = self._state
+        flow = UnaryRetry(
+            token,
+            timeout=self._timeout,
+            retry=state.retry_enabled,
+            clock=self._loop.time,
+            started=self._started,
+        )
+        while True:
+            step = flow.after(await final_status(call))
+            if step.drop is not None:
+                state.token_rejected(step.drop)
+            if not step.retry or not flow.use(await state.fresh_token_async()):
+                return call
+            state.count_retry()
+            call = self._call = self._send(flow.token, step.timeout)
+            self._token = flow.token
 
     async def _settled(self) -> Any:
         # The first caller settles the call; concurrent ones share its result.

@@ -10,7 +10,9 @@ The mirror of :mod:`ambient_grpc_auth.client.interceptor` and
   token comes from ``get_token_async()``: the event loop is never blocked.
 - A unary-unary call, and a stream-unary call whose requests are a list or
   tuple, is retried ONCE with a fresh token after UNAUTHENTICATED, within the
-  caller's deadline. Streaming responses are not retried (see
+  caller's deadline (the decision is
+  :class:`~ambient_grpc_auth.client._retry.UnaryRetry`, shared with the sync
+  side and both direct unary paths). Streaming responses are not retried (see
   :mod:`ambient_grpc_auth.client.aio.sessions`), but every call that ends
   UNAUTHENTICATED drops its token from a refreshable source before the caller
   sees the error.
@@ -44,13 +46,13 @@ import grpc.aio
 
 from ambient_grpc_auth.client._core import (
     TOKEN_UNAVAILABLE_DETAILS,
+    AuthInterceptorBase,
     InterceptorState,
-    as_token_error,
     is_replayable,
-    remaining_timeout,
     token_error_code,
     with_authorization,
 )
+from ambient_grpc_auth.client._retry import UnaryRetry
 from ambient_grpc_auth.client.tokens import Token, TokenSource
 from ambient_grpc_auth.errors import TokenUnavailableError
 
@@ -118,9 +120,9 @@ class _CallProxy:
     through to the wrapped call (grpc.aio's intercepted calls read private
     flags from whatever the interceptor returned)."""
 
-    def __init__(self, call: Any, interceptor: AuthInterceptor, token: Token) -> None:
+    def __init__(self, call: Any, state: InterceptorState, token: Token) -> None:
         self._call = call
-        self._interceptor = interceptor
+        self._state = state
         self._token = token
         self._reported = False
 
@@ -133,7 +135,7 @@ class _CallProxy:
     def _report(self, code: grpc.StatusCode) -> None:
         if code is _UNAUTHENTICATED and not self._reported:
             self._reported = True
-            self._interceptor._token_rejected(self._token)
+            self._state.token_rejected(self._token)
 
     def cancel(self) -> bool:
         return self._call.cancel()  # type: ignore[no-any-return]
@@ -208,7 +210,36 @@ class _AuthStreamUnaryCall(_CallProxy, grpc.aio.StreamUnaryCall[Any, Any]):
             raise
 
 
-class AuthInterceptor(InterceptorState):
+async def token_for_call(state: InterceptorState) -> Token:
+    """``state``'s token for a grpc.aio call; raises
+    :class:`TokenUnavailableRpcError` (the call is then not sent)."""
+    try:
+        return await state.get_token_async()
+    except TokenUnavailableError as exc:
+        _log.debug("no token for a call: %s", exc)
+        raise TokenUnavailableRpcError(exc) from exc
+
+
+async def final_status(call: Any) -> grpc.StatusCode:
+    """The status a grpc.aio call ended with, once it has ended.
+
+    Awaits the call, not ``call.code()``: when the server answers before all
+    requests of a client stream were sent, grpc.aio's ``code()`` can report a
+    locally made-up INTERNAL while the call raises the server's real status.
+    Cancelling the waiting task cancels the call.
+    """
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    except asyncio.CancelledError:
+        # The caller gave up on the call while we waited for its status.
+        call.cancel()
+        raise
+    return grpc.StatusCode.OK
+
+
+class AuthInterceptor(AuthInterceptorBase):
     """Adds the bearer token to grpc.aio calls of all four RPC shapes.
 
     See :class:`ambient_grpc_auth.client.interceptor.AuthInterceptor` for the contract.
@@ -237,74 +268,31 @@ class AuthInterceptor(InterceptorState):
         shapes: list[grpc.aio.ClientInterceptor] = [_UnaryUnary(self)] if unary_unary else []
         return [*shapes, _UnaryStream(self), _StreamUnary(self), _StreamStream(self)]
 
-    async def _get_token(self) -> Token:
-        try:
-            token = await self._source.get_token_async()
-        except Exception as exc:
-            err = as_token_error(exc)
-            _log.debug("no token for a call: %s", err)
-            raise TokenUnavailableRpcError(err) from err
-        self._last_token = token
-        return token
-
-    async def _retry_after(
-        self, rejected: Token, call_timeout: float | None, elapsed: float
-    ) -> tuple[Token, float | None] | None:
-        """After ``rejected`` got UNAUTHENTICATED: the fresh token and the
-        timeout left (of ``call_timeout``) for the one retry, or ``None`` when
-        not retrying (retries off, deadline spent, no token, or the same
-        token again)."""
-        if not self._retry:
-            return None
-        remaining = remaining_timeout(call_timeout, elapsed)
-        if remaining is not None and remaining <= 0:
-            return None
-        try:
-            fresh = await self._get_token()
-        except TokenUnavailableRpcError:
-            return None  # the server's answer is more useful than ours
-        if fresh.value == rejected.value:
-            return None
-        self._count_retry()
-        return fresh, remaining
-
-    @staticmethod
-    async def _code(call: Any) -> grpc.StatusCode:
-        # Awaiting the call, not call.code(): when the server answers before
-        # all requests of a client stream were sent, grpc.aio's code() can
-        # report a locally made-up INTERNAL while the call raises the
-        # server's real status.
-        try:
-            await call
-        except grpc.aio.AioRpcError as err:
-            return err.code()
-        except asyncio.CancelledError:
-            # The caller gave up on the call while we waited for its status.
-            call.cancel()
-            raise
-        return grpc.StatusCode.OK
-
     async def _unary(
         self,
         continuation: _Continuation,
         details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        token = await self._get_token()
+        """Drives :class:`~ambient_grpc_auth.client._retry.UnaryRetry`; the mirror
+        of the sync ``AuthInterceptor._unary`` and of the aio direct path's
+        ``_DirectCall._settle``."""
+        state = self._state
+        clock = asyncio.get_running_loop().time
+        started = clock()
+        token = await token_for_call(state)
+        flow = UnaryRetry(
+            token, timeout=details.timeout, retry=state.retry_enabled, clock=clock, started=started
+        )
         call = await continuation(_rebuild(details, token.value, details.timeout), request)
-        if await self._code(call) is not _UNAUTHENTICATED:
-            return call
-        self._token_rejected(token)
-        retry = await self._retry_after(token, details.timeout, loop.time() - started)
-        if retry is None:
-            return call
-        fresh, timeout = retry
-        second = await continuation(_rebuild(details, fresh.value, timeout), request)
-        if await self._code(second) is _UNAUTHENTICATED:
-            self._token_rejected(fresh)
-        return second
+        while True:
+            step = flow.after(await final_status(call))
+            if step.drop is not None:
+                state.token_rejected(step.drop)
+            if not step.retry or not flow.use(await state.fresh_token_async()):
+                return call
+            state.count_retry()
+            call = await continuation(_rebuild(details, flow.token.value, step.timeout), request)
 
     async def intercept_unary_unary(
         self,
@@ -324,12 +312,12 @@ class AuthInterceptor(InterceptorState):
             return await self._unary(continuation, client_call_details, request_iterator)
         # Not replayable (a generator, or call.write()): return at once, since
         # the caller's writes wait for this interceptor to finish.
-        token = await self._get_token()
+        token = await token_for_call(self._state)
         call = await continuation(
             _rebuild(client_call_details, token.value, client_call_details.timeout),
             request_iterator,
         )
-        return _AuthStreamUnaryCall(call, self, token)
+        return _AuthStreamUnaryCall(call, self._state, token)
 
     async def intercept_unary_stream(
         self,
@@ -337,11 +325,11 @@ class AuthInterceptor(InterceptorState):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        token = await self._get_token()
+        token = await token_for_call(self._state)
         call = await continuation(
             _rebuild(client_call_details, token.value, client_call_details.timeout), request
         )
-        return _AuthUnaryStreamCall(call, self, token)
+        return _AuthUnaryStreamCall(call, self._state, token)
 
     async def intercept_stream_stream(
         self,
@@ -349,12 +337,12 @@ class AuthInterceptor(InterceptorState):
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Any,
     ) -> Any:
-        token = await self._get_token()
+        token = await token_for_call(self._state)
         call = await continuation(
             _rebuild(client_call_details, token.value, client_call_details.timeout),
             request_iterator,
         )
-        return _AuthStreamStreamCall(call, self, token)
+        return _AuthStreamStreamCall(call, self._state, token)
 
 
 class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):

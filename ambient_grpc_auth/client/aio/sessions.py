@@ -22,13 +22,11 @@ import grpc.aio
 
 from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.client._core import (
-    RESUME_AFTER_SEQ_ENV,
     MessageVerdict,
     WatchRetryPolicy,
     WatchState,
     check_after_seq,
     check_session_id,
-    resume_after_seq_from_env,
     session_stub,
 )
 from ambient_grpc_auth.client.sessions import DEFAULT_PUSH_TIMEOUT
@@ -36,11 +34,9 @@ from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 
 __all__ = [
     "DEFAULT_PUSH_TIMEOUT",
-    "RESUME_AFTER_SEQ_ENV",
     "SessionWatch",
     "WatchRetryPolicy",
     "push",
-    "resume_after_seq_from_env",
     "watch",
 ]
 
