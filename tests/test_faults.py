@@ -35,9 +35,9 @@ import grpc
 import grpc.aio
 import pytest
 from aiohttp import web
+from support.waiting import LoopThread, async_wait_until, wait_until
 
 from ambient_grpc_auth import aio as aio_client
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client import sessions as sync_sessions
 from ambient_grpc_auth.client.aio import sessions as aio_sessions
 from ambient_grpc_auth.client.caching import CachingTokenSource
@@ -62,6 +62,7 @@ from ambient_grpc_auth.server.config import API_TOKEN_ENV, ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet
 from ambient_grpc_auth.server.policy import AuthMetrics
+from ambient_grpc_auth.testing import FakeClock
 
 T = TypeVar("T")
 
@@ -110,20 +111,6 @@ def free_port() -> int:
     raise RuntimeError("no fresh loopback port")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
-async def async_wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 def assert_no_new_threads(before: set[threading.Thread], timeout: float = 10.0) -> None:
     """Every thread started since ``before`` ends within ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -162,24 +149,6 @@ def run_isolated(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
     result = asyncio.run(checked())
     assert_no_new_threads(before)
     return result
-
-
-class LoopThread:
-    """An event loop in a thread, hosting aiohttp servers for sync tests."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop")
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.run(self.loop.shutdown_default_executor())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 class SyncSleeps:

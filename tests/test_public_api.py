@@ -327,6 +327,7 @@ PUBLIC: dict[str, list[str]] = {
         "VerifiedTokenCache",
         "token_expiry",
     ],
+    "testing": ["Clock", "FakeClock", "FakeIssuer", "FakeTokenSource"],
 }
 
 

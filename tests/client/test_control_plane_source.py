@@ -13,9 +13,9 @@ import jwt
 import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import rsa
-from support.runner import Reply, ScriptedServer, Seen, make_jwt, shared_public_pem, shared_rsa_key
+from support import keys
+from support.runner import Reply, ScriptedServer, Seen, make_jwt
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client import control_plane as cpsource
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
@@ -25,6 +25,7 @@ from ambient_grpc_auth.controlplane.keys import ensure_keys
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenUnavailableError
 from ambient_grpc_auth.proof import decode_proof
+from ambient_grpc_auth.testing import FakeClock
 
 SESSION = "session-0123456789"
 ISSUED = make_jwt(1_900_000_000, session_id=SESSION)
@@ -38,12 +39,12 @@ def http_server() -> Iterator[ScriptedServer]:
 
 @pytest.fixture
 def rsa_key() -> rsa.RSAPrivateKey:
-    return shared_rsa_key()
+    return keys.signing_key()
 
 
 @pytest.fixture
 def public_pem() -> str:
-    return shared_public_pem()
+    return keys.public_pem(keys.signing_key()).decode("ascii")
 
 
 class Recorder:

@@ -19,16 +19,16 @@ from support.client import (
     FailingSource,
     MintingSource,
     SessionServer,
-    async_wait_until,
     start_session_server,
 )
+from support.waiting import async_wait_until
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client.aio.channel import AuthenticatedChannel, create_channel
 from ambient_grpc_auth.client.aio.sessions import SessionWatch, WatchRetryPolicy, push, watch
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.tokens import TokenSource
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2
+from ambient_grpc_auth.testing import FakeClock
 
 
 @pytest.fixture

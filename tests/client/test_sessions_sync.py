@@ -20,10 +20,9 @@ from support.client import (
     MintingSource,
     SessionServer,
     start_session_server,
-    wait_until,
 )
+from support.waiting import wait_until
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel
 from ambient_grpc_auth.client.sessions import (
@@ -35,6 +34,7 @@ from ambient_grpc_auth.client.sessions import (
 )
 from ambient_grpc_auth.client.tokens import TokenSource
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
+from ambient_grpc_auth.testing import FakeClock
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from support.cp import copy_keys, ensure_keys_worker, master_keys_dir
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth._keyfiles import create_exclusive
 from ambient_grpc_auth.controlplane.keys import (
     SigningKey,
@@ -38,6 +37,7 @@ from ambient_grpc_auth.controlplane.keys import (
     rotate_signing_key,
 )
 from ambient_grpc_auth.errors import KeyFileError
+from ambient_grpc_auth.testing import FakeClock
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth"}
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from support.keys import jwk_of, signing_key
 from support.server import (
     AUDIENCE,
     CP_ISSUER,
@@ -21,14 +22,11 @@ from support.server import (
     Recorder,
     RunningServer,
     SyncEcho,
-    jwk_of,
     mint,
-    signing_key,
     start_aio_server_in_thread,
     start_sync_server,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import Principal
@@ -46,6 +44,7 @@ from ambient_grpc_auth.server.config import ServerAuthConfig, _AuthEngine
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import JwksCache, StaticKeySet
 from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
+from ambient_grpc_auth.testing import FakeClock
 
 
 def idp(keys: Any = None, **kw: Any) -> TrustedIssuer:

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.keys import other_key, signing_key
 from support.server import (
     CP_ISSUER,
     CP_KID,
@@ -34,14 +35,11 @@ from support.server import (
     alg_none_token,
     hs256_with_public_pem,
     mint,
-    other_key,
     runner_token,
-    signing_key,
     start_aio_server_in_thread,
     start_sync_server,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 from ambient_grpc_auth.server.aio.interceptor import (
@@ -52,6 +50,7 @@ from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
+from ambient_grpc_auth.testing import FakeClock
 
 KINDS = ("sync", "aio", "aio-rw", "aio-sync")
 SA_PATTERN = "system:serviceaccount:*:session-*-sa"

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.keys import signing_key
 from support.server import (
     AUDIENCE,
     ECHO,
@@ -22,12 +23,10 @@ from support.server import (
     Recorder,
     SyncEcho,
     mint,
-    signing_key,
     start_aio_server_in_thread,
     start_sync_server,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
@@ -41,6 +40,7 @@ from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.policy import AuthMetrics, MethodRule, OwnershipPolicy
 from ambient_grpc_auth.server.tokencache import VerifiedTokenCache
+from ambient_grpc_auth.testing import FakeClock
 
 RULE = MethodRule.session("session_id")
 METHODS = {ECHO + name: RULE for name in ("Echo", "StreamEcho", "CollectEcho", "ChatEcho")}

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.cp import master_keys_dir, other_rsa4096, runner_style_bearer
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.controlplane.keys import load_keys
 from ambient_grpc_auth.errors import ConfigurationError, ProofError
 from ambient_grpc_auth.proof import (
@@ -25,6 +24,7 @@ from ambient_grpc_auth.proof import (
     encrypt_v2,
     max_plaintext_bytes,
 )
+from ambient_grpc_auth.testing import FakeClock
 
 OAEP = padding.OAEP(
     mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None

@@ -1,4 +1,5 @@
-"""Test support for the runner-side client: fake token sources, an Echo server
+"""Test support for the runner-side client: fake token sources (besides the
+public :class:`~ambient_grpc_auth.testing.FakeTokenSource`), an Echo server
 that records what it sees, a bearer-checking server interceptor (sync), and
 helpers to run the reference SessionService behind it."""
 
@@ -15,10 +16,10 @@ from typing import Any
 import grpc
 
 from ambient_grpc_auth._bearer import extract_bearer
-from ambient_grpc_auth._clock import Clock
 from ambient_grpc_auth.client.tokens import Token
 from ambient_grpc_auth.errors import TokenRejectedError, TokenUnavailableError
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.testing import Clock, FakeTokenSource
 
 # Fast channel reconnects so restart tests do not wait for gRPC's 1 s+ backoff.
 FAST_RECONNECT = (
@@ -35,64 +36,15 @@ WATCH = "/ambient.v1.SessionService/WatchSessionMessages"
 PUSH = "/ambient.v1.SessionService/PushSessionMessage"
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
-
-
-async def async_wait_until(
-    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)
-
-
 # --- token sources --------------------------------------------------------------
 
 
-class CountingSource:
-    """A refreshable fake: mints ``tok-1``, ``tok-2``... and caches the current
-    one until it is invalidated. ``fail_next`` failures are raised first."""
+class CountingSource(FakeTokenSource):
+    """The public fake, minting ``tok-1``, ``tok-2``... (``prefix`` first, as
+    the tests pass it positionally)."""
 
     def __init__(self, prefix: str = "tok") -> None:
-        self.prefix = prefix
-        self.fetches = 0
-        self.invalidated: list[str] = []
-        self.fail_next = 0
-        self.fail_retryable = True
-        self._current: Token | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def current(self) -> Token | None:
-        return self._current
-
-    def get_token(self) -> Token:
-        with self._lock:
-            if self._current is None:
-                if self.fail_next:
-                    self.fail_next -= 1
-                    raise TokenUnavailableError(
-                        "control plane unreachable (test)", retryable=self.fail_retryable
-                    )
-                self.fetches += 1
-                self._current = Token(f"{self.prefix}-{self.fetches}", None)
-            return self._current
-
-    async def get_token_async(self) -> Token:
-        return self.get_token()
-
-    def invalidate(self, token: Token) -> None:
-        with self._lock:
-            self.invalidated.append(token.value)
-            if self._current is not None and self._current.value == token.value:
-                self._current = None
+        super().__init__(prefix=prefix)
 
 
 class MintingSource:

@@ -1,6 +1,6 @@
 """Helpers for runner-side tests: a scripted HTTP server on 127.0.0.1:0 (in a
-thread, usable from sync and async tests alike), RSA keys, JWT helpers and
-fake token sources."""
+thread, usable from sync and async tests alike), a JWT helper and a scripted
+uncached token source."""
 
 from __future__ import annotations
 
@@ -13,22 +13,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
-
 from ambient_grpc_auth.client.tokens import Token
-from ambient_grpc_auth.controlplane.keys import public_key_pem
 from ambient_grpc_auth.errors import TokenUnavailableError
+from ambient_grpc_auth.testing import FakeIssuer
+from support.keys import signing_key
 
-# An HMAC key for test JWTs; only the (unverified) exp claim matters here.
-_JWT_KEY = "k" * 32
+
+@functools.cache
+def _issuer() -> FakeIssuer:
+    return FakeIssuer("https://cp.test", key=signing_key(), kid="cp-1")
 
 
 def make_jwt(exp: float | None, **claims: object) -> str:
-    body: dict[str, object] = {"sub": "runner", **claims}
-    if exp is not None:
-        body["exp"] = int(exp)
-    return jwt.encode(body, _JWT_KEY, algorithm="HS256")
+    """A signed JWT for subject ``runner`` expiring at ``exp`` (None: no
+    ``exp`` claim); runners read only ``exp``, without verification."""
+    omit = ("exp",) if exp is None else ()
+    return _issuer().mint("runner", expires_at=exp, claims=claims, omit=omit)
 
 
 @dataclass
@@ -114,17 +114,6 @@ class ScriptedServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
-
-
-@functools.cache
-def shared_rsa_key() -> rsa.RSAPrivateKey:
-    """One RSA key per test process; 2048 bits keeps the suite fast (the proof
-    format does not depend on the size)."""
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def shared_public_pem() -> str:
-    return public_key_pem(shared_rsa_key().public_key()).decode("ascii")
 
 
 def b64_pem(pem: str) -> str:

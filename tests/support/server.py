@@ -1,4 +1,5 @@
-"""API-server test helpers: keys, tokens, servicers, sync/aio servers, a JWKS endpoint."""
+"""API-server test helpers: tokens (valid and forged), servicers, sync/aio servers,
+a JWKS endpoint. Keys: :mod:`support.keys`."""
 
 from __future__ import annotations
 
@@ -6,27 +7,24 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import hmac
 import http.server
 import json
 import threading
-import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 import grpc.aio
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from grpc_health.v1 import health, health_pb2_grpc
 
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.testing import FakeIssuer
+from support.keys import public_pem, signing_key
 
 IDP_ISSUER = "https://idp.test"
 CP_ISSUER = "https://cp.test"
@@ -41,36 +39,7 @@ ECHO_METHODS = ("Echo", "StreamEcho", "CollectEcho", "ChatEcho")
 OWNERS: dict[str, str | None] = {"s-alice": "alice", "s-bob": "bob", "s-ownerless": None}
 
 
-# --- keys and tokens ---------------------------------------------------------
-
-
-@functools.cache
-def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@functools.cache
-def other_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@functools.cache
-def ec_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def jwk_of(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str | None) -> dict[str, Any]:
-    family: Any = jwt.algorithms.RSAAlgorithm if isinstance(key, rsa.RSAPrivateKey) else None
-    doc = json.loads((family or jwt.algorithms.ECAlgorithm).to_jwk(key.public_key()))
-    if kid is not None:
-        doc["kid"] = kid
-    return dict(doc)
+# --- tokens --------------------------------------------------------------------
 
 
 def mint(
@@ -86,13 +55,10 @@ def mint(
     omit: tuple[str, ...] = (),
     **claims: Any,
 ) -> str:
-    """An RS256 JWT shaped like the ones the control plane and IdPs issue."""
-    payload = dict(iss=iss, aud=aud, sub=sub, iat=int(now), nbf=int(now), exp=int(now + ttl))
-    payload.update(jti=uuid.uuid4().hex, **claims)
-    for name in (*omit, *(("sub",) if sub is None else ())):
-        payload.pop(name, None)
-    headers = {"kid": kid} if kid is not None else {}
-    return jwt.encode(payload, key or signing_key(), algorithm=alg, headers=headers)
+    """A JWT shaped like the ones the control plane and IdPs issue, signed
+    with ``key`` (default: the trusted :func:`signing_key`)."""
+    issuer = FakeIssuer(iss, audience=AUDIENCE, key=key or signing_key(), kid=kid, algorithm=alg)
+    return issuer.mint(sub, now=now, ttl=ttl, audience=aud, claims=claims, omit=omit)
 
 
 def runner_token(now: float, session_id: str | None, *, iss: str = CP_ISSUER, **kw: Any) -> str:
