@@ -91,7 +91,8 @@ class FakeTokenSource:
     """A refreshable token source for tests (sync and async).
 
     It behaves like a caching source: it holds at most one token and returns it
-    until :meth:`invalidate` drops it; the next call then *fetches*. A fetch
+    until :meth:`invalidate` drops it or it expires (by ``clock``); the next
+    call then *fetches*. A fetch
     takes the next scripted item (given to the constructor or to
     :meth:`enqueue`): a :class:`Token`; a ``str`` (its JWT ``exp``, if any,
     becomes the expiry); or an exception, which is raised (e.g.
@@ -132,7 +133,7 @@ class FakeTokenSource:
     @property
     def current(self) -> Token | None:
         """The token held now (None before the first fetch or after an
-        invalidation); reading it never fetches."""
+        invalidation; possibly expired); reading it never fetches."""
         return self._current
 
     def enqueue(self, *items: _Scripted) -> None:
@@ -144,9 +145,13 @@ class FakeTokenSource:
         """The held token, or the result of a fetch (which may raise a scripted
         exception; nothing is held then, so the next call fetches again)."""
         with self._lock:
-            if self._current is None:
-                self._current = self._fetch_locked()
-            return self._current
+            held = self._current
+            if held is None or (
+                held.expires_at is not None and self._clock.time() >= held.expires_at
+            ):
+                self._current = None  # stays None if the fetch raises
+                self._current = held = self._fetch_locked()
+            return held
 
     async def get_token_async(self) -> Token:
         return self.get_token()
