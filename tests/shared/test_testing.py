@@ -195,9 +195,7 @@ def test_mint_overrides_are_applied_and_checked_by_the_server() -> None:
 def test_runner_tokens_are_session_scoped() -> None:
     clock = FakeClock()
     cp = FakeIssuer("https://cp.test", key=signing_key(), clock=clock)
-    authenticator = JwtAuthenticator(
-        issuers=[cp.trusted_issuer(control_plane=True)], clock=clock
-    )
+    authenticator = JwtAuthenticator(issuers=[cp.trusted_issuer(control_plane=True)], clock=clock)
     principal = authenticator.authenticate(cp.runner_token("s-1", claims={"extra": 1}))
     assert principal.username == "runner:s-1"
     assert principal.claims[SESSION_ID_CLAIM] == "s-1"
