@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from support import keys
 from support.runner import Reply, ScriptedServer, Seen, make_jwt
 
-from ambient_grpc_auth.client import control_plane as cpsource
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
 from ambient_grpc_auth.client.tokens import Token
@@ -110,17 +109,6 @@ def assert_no_secrets(message: str, server: ScriptedServer) -> None:
     for seen in server.requests:
         if seen.authorization:
             assert seen.authorization.split(" ", 1)[1] not in message
-
-
-def test_public_surface() -> None:
-    assert set(cpsource.__all__) == {
-        "CP_PUBLIC_KEY_ENV",
-        "CP_TOKEN_URL_ENV",
-        "DEFAULT_MAX_RESPONSE_BYTES",
-        "SESSION_ID_ENV",
-        "ControlPlaneTokenSource",
-        "ProofVersion",
-    }
 
 
 # --- success ----------------------------------------------------------------------

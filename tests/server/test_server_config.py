@@ -17,14 +17,11 @@ from support.server import (
     ECHO,
     IDP_ISSUER,
     IDP_KID,
-    AsyncEcho,
     JwksServer,
     Recorder,
     RunningServer,
-    SyncEcho,
     mint,
-    start_aio_server_in_thread,
-    start_sync_server,
+    start_echo,
 )
 
 from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
@@ -149,19 +146,7 @@ RULES = {ECHO + "Echo": MethodRule.session("session_id")}
 
 def _start(kind: str, config: ServerAuthConfig) -> tuple[RunningServer, Recorder]:
     recorder = Recorder()
-    if kind == "sync":
-        servicer: Any = SyncEcho(recorder)
-        server = start_sync_server(
-            [ServerAuthInterceptor(config=config)],
-            lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
-        )
-    else:
-        servicer = AsyncEcho(recorder)
-        server = start_aio_server_in_thread(
-            [AioServerAuthInterceptor(config=config)],
-            lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
-        )
-    return server, recorder
+    return start_echo(kind, config, recorder), recorder
 
 
 @pytest.fixture(params=["sync", "aio"])

@@ -6,7 +6,7 @@ token that left the verified-token cache gets a freshly built handler."""
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -19,21 +19,15 @@ from support.server import (
     ECHO,
     IDP_ISSUER,
     IDP_KID,
-    AsyncEcho,
     Recorder,
-    SyncEcho,
     mint,
-    start_aio_server_in_thread,
-    start_sync_server,
+    start_echo,
 )
 
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 from ambient_grpc_auth.server import config as serverconfig
-from ambient_grpc_auth.server.aio.interceptor import (
-    ServerAuthInterceptor as AioServerAuthInterceptor,
-)
 from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig, _AuthEngine
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
@@ -225,23 +219,6 @@ def test_the_bound_gate_agrees_with_check(
 # --- black box: real servers, sync and aio ----------------------------------------------
 
 
-ServerFactory = Callable[[ServerAuthConfig, Recorder], Any]
-
-
-def _sync(config: ServerAuthConfig, recorder: Recorder) -> Any:
-    return start_sync_server(
-        [ServerAuthInterceptor(config=config)],
-        lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(SyncEcho(recorder), s),
-    )
-
-
-def _aio(config: ServerAuthConfig, recorder: Recorder) -> Any:
-    return start_aio_server_in_thread(
-        [AioServerAuthInterceptor(config=config)],
-        lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(AsyncEcho(recorder), s),
-    )
-
-
 @pytest.fixture(params=["sync", "aio", "aio-inline"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -254,7 +231,7 @@ def served(kind: str) -> Iterator[tuple[Any, dict[str, str], AuthMetrics, Record
     metrics = AuthMetrics()
     recorder = Recorder()
     config = _config(clock, owners, metrics=metrics, inline=kind == "aio-inline")
-    server = (_sync if kind == "sync" else _aio)(config, recorder)
+    server = start_echo("sync" if kind == "sync" else "aio", config, recorder)
     with grpc.insecure_channel(server.target) as channel:
         yield echo_pb2_grpc.EchoServiceStub(channel), owners, metrics, recorder, clock
     server.stop()

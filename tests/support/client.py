@@ -280,7 +280,28 @@ class EchoServer:
 
     def restart(self) -> None:
         """Start a new server on the same port (the old one must be stopped)."""
-        self.server = _bind_echo(self.port, self.auth, self.servicer, self.options)
+        self.server, _ = _bind_echo(self.port, self.auth, self.servicer, self.options)
+
+
+def _bind_again(
+    port: int, bind: Callable[[str], tuple[grpc.Server, int]]
+) -> tuple[grpc.Server, int]:
+    """``bind(address)`` (a started server and its port; RuntimeError when the
+    port is taken) on 127.0.0.1:``port`` (0: any free port), retried for up to
+    5 s while a just-stopped server may still hold the port."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            server, bound = bind(f"127.0.0.1:{port}")
+        except RuntimeError:
+            pass
+        else:
+            if port == 0 or bound == port:
+                return server, bound
+            server.stop(None)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"could not bind 127.0.0.1:{port} again")
+        time.sleep(0.05)
 
 
 def _bind_echo(
@@ -289,10 +310,8 @@ def _bind_echo(
     servicer: EchoServicer,
     options: tuple[tuple[str, Any], ...],
     credentials: grpc.ServerCredentials | None = None,
-) -> grpc.Server:
-    deadline = time.monotonic() + 5.0
-    address = f"127.0.0.1:{port}"
-    while True:
+) -> tuple[grpc.Server, int]:
+    def bind(address: str) -> tuple[grpc.Server, int]:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=16),
             interceptors=[BearerCheck(auth)],
@@ -306,14 +325,13 @@ def _bind_echo(
                 bound = server.add_secure_port(address, credentials)
         except RuntimeError:
             bound = 0
-        if bound and (port == 0 or bound == port):
-            server.start()
-            server._ambient_port = bound  # type: ignore[attr-defined]
-            return server
-        server.stop(None)
-        if time.monotonic() > deadline:
-            raise RuntimeError("could not bind the test port again")
-        time.sleep(0.05)
+        if not bound:
+            server.stop(None)
+            raise RuntimeError("port taken")
+        server.start()
+        return server, bound
+
+    return _bind_again(port, bind)
 
 
 def start_echo_server(
@@ -327,8 +345,8 @@ def start_echo_server(
     :class:`BearerCheck`. ``credentials`` makes it a secure port."""
     auth = auth or AuthState()
     servicer = EchoServicer()
-    server = _bind_echo(port, auth, servicer, options, credentials)
-    return EchoServer(server, server._ambient_port, auth, servicer, options)  # type: ignore[attr-defined]
+    server, bound = _bind_echo(port, auth, servicer, options, credentials)
+    return EchoServer(server, bound, auth, servicer, options)
 
 
 def reserve_port() -> int:
@@ -366,30 +384,19 @@ class SessionServer:
         self.server.stop(None).wait(5)
 
     def restart(self) -> None:
-        self.server = _serve_sessions(self.store, self.auth, self.port)
+        self.server, _ = _serve_sessions(self.store, self.auth, self.port)
 
     def close(self) -> None:
         self.stop()
         self.store.close()
 
 
-def _serve_sessions(store: Any, auth: AuthState, port: int) -> grpc.Server:
+def _serve_sessions(store: Any, auth: AuthState, port: int) -> tuple[grpc.Server, int]:
     from ambient_grpc_auth.reference.servicer import serve
 
-    deadline = time.monotonic() + 5.0
-    while True:
-        try:
-            server, bound = serve(store, f"127.0.0.1:{port}", interceptors=[BearerCheck(auth)])
-        except RuntimeError:
-            bound = 0
-        else:
-            if port == 0 or bound == port:
-                server._ambient_port = bound  # type: ignore[attr-defined]
-                return server
-            server.stop(None)
-        if time.monotonic() > deadline:
-            raise RuntimeError("could not bind the session server port again")
-        time.sleep(0.05)
+    return _bind_again(
+        port, lambda address: serve(store, address, interceptors=[BearerCheck(auth)])
+    )
 
 
 def start_session_server(db_path: str) -> SessionServer:
@@ -398,5 +405,5 @@ def start_session_server(db_path: str) -> SessionServer:
     store = SessionStore(db_path)
     session_id = store.create_session("client-tests").metadata.id
     auth = AuthState()
-    server = _serve_sessions(store, auth, 0)
-    return SessionServer(store, auth, server, server._ambient_port, session_id)  # type: ignore[attr-defined]
+    server, bound = _serve_sessions(store, auth, 0)
+    return SessionServer(store, auth, server, bound, session_id)

@@ -23,6 +23,11 @@ from grpc_health.v1 import health, health_pb2_grpc
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.testing import FakeIssuer
 from support.keys import public_pem, signing_key
 
@@ -304,6 +309,31 @@ def run_aio_server_in_thread(
         assert not thread.is_alive()
 
     return RunningServer(port, stop)
+
+
+#: Server kinds for :func:`start_echo`: a sync server; a grpc.aio server with
+#: coroutine handlers, with reader/writer streaming handlers, or with the sync
+#: servicer (grpc.aio runs sync handlers in its executor).
+ECHO_SERVERS: dict[str, tuple[bool, type[_Recording]]] = {
+    "sync": (False, SyncEcho),
+    "aio": (True, AsyncEcho),
+    "aio-rw": (True, AsyncEchoReaderWriter),
+    "aio-sync": (True, SyncEcho),
+}
+
+
+def start_echo(kind: str, config: ServerAuthConfig, recorder: Recorder) -> RunningServer:
+    """The EchoService behind the real server interceptor (sync or aio, per
+    ``kind``, a key of :data:`ECHO_SERVERS`), recording into ``recorder``."""
+    is_aio, servicer_type = ECHO_SERVERS[kind]
+    servicer = servicer_type(recorder)
+
+    def register(server: Any) -> None:
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, server)
+
+    if is_aio:
+        return start_aio_server_in_thread([AioServerAuthInterceptor(config=config)], register)
+    return start_sync_server([ServerAuthInterceptor(config=config)], register)
 
 
 # --- a local JWKS endpoint ---------------------------------------------------
