@@ -94,6 +94,9 @@ def keys_dir(master_keys: Path, tmp_path: Path) -> Path:
     return dest
 
 
+# Quick reconnects after a server restart (gRPC's defaults wait a second and more).
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200)]
+
 _ISSUED_PORTS: set[int] = set()
 
 
@@ -389,10 +392,7 @@ class SyncWorld:
             self.target,
             source,
             tls=False,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 50),
-                ("grpc.max_reconnect_backoff_ms", 200),
-            ],
+            options=FAST_RECONNECT,
         )
         self.channels.append(channel)
         return channel
@@ -446,6 +446,22 @@ class Collector:
         self.watch.close()
         self._thread.join(10)
         assert not self._thread.is_alive()
+
+
+def collect(
+    watch: aio_sessions.SessionWatch,
+) -> tuple[list[int], list[str], asyncio.Future[None]]:
+    """Consume an aio watch in a task: the seqs and payloads it delivers, as
+    they come, and the task (it ends when the watch is closed)."""
+    seqs: list[int] = []
+    payloads: list[str] = []
+
+    async def consume() -> None:
+        async for message in watch:
+            seqs.append(message.seq)
+            payloads.append(message.payload)
+
+    return seqs, payloads, asyncio.ensure_future(consume())
 
 
 def sync_push(channel: Any, session_id: str, payload: str, **kw: Any) -> int:
@@ -798,10 +814,7 @@ def test_token_endpoint_down_mid_session_aio(keys_dir: Path, tmp_path: Path) -> 
             f"127.0.0.1:{port}",
             source,
             tls=False,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 50),
-                ("grpc.max_reconnect_backoff_ms", 200),
-            ],
+            options=FAST_RECONNECT,
         )
         watch_sleeps = AsyncSleeps(clock)
         watch_sleeps.hooks[3] = start_cp  # the control plane returns during the 3rd pause
@@ -812,15 +825,7 @@ def test_token_endpoint_down_mid_session_aio(keys_dir: Path, tmp_path: Path) -> 
             sleep=watch_sleeps,
             random=lambda: 0.99,
         )
-        seqs: list[int] = []
-        payloads: list[str] = []
-
-        async def consume() -> None:
-            async for message in watch:
-                seqs.append(message.seq)
-                payloads.append(message.payload)
-
-        consumer = asyncio.ensure_future(consume())
+        seqs, payloads, consumer = collect(watch)
 
         async def push(payload: str) -> int:
             reply = await aio_sessions.push(channel, sid, "assistant", payload, timeout=5)
@@ -993,27 +998,17 @@ def test_session_server_restart_mid_stream_and_push_aio(
             f"127.0.0.1:{port}",
             source,
             tls=False,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 50),
-                ("grpc.max_reconnect_backoff_ms", 200),
-            ],
+            options=FAST_RECONNECT,
         )
         watch = aio_sessions.watch(
             channel, sid, policy=WatchRetryPolicy(base_delay=0.05, max_delay=0.2)
         )
-        seqs: list[int] = []
-        payloads: list[str] = []
-
-        async def consume() -> None:
-            async for message in watch:
-                seqs.append(message.seq)
-                payloads.append(message.payload)
+        seqs, payloads, consumer = collect(watch)
 
         async def push(payload: str, **kw: Any) -> int:
             reply = await aio_sessions.push(channel, sid, "assistant", payload, timeout=5, **kw)
             return int(reply.seq)
 
-        consumer = asyncio.ensure_future(consume())
         try:
             for i in range(3):
                 await push(f"a-{i}")
@@ -1113,23 +1108,12 @@ def test_token_expiry_mid_stream_aio(keys_dir: Path, tmp_path: Path) -> None:
             f"127.0.0.1:{port}",
             source,
             tls=False,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 50),
-                ("grpc.max_reconnect_backoff_ms", 200),
-            ],
+            options=FAST_RECONNECT,
         )
         watch = aio_sessions.watch(
             channel, sid, policy=WatchRetryPolicy(base_delay=0.05, max_delay=0.2)
         )
-        seqs: list[int] = []
-        payloads: list[str] = []
-
-        async def consume() -> None:
-            async for message in watch:
-                seqs.append(message.seq)
-                payloads.append(message.payload)
-
-        consumer = asyncio.ensure_future(consume())
+        seqs, payloads, consumer = collect(watch)
         try:
             await platform_push("p-0")
             await async_wait_until(lambda: len(seqs) == 1)
