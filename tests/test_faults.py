@@ -464,6 +464,30 @@ def collect(
     return seqs, payloads, asyncio.ensure_future(consume())
 
 
+def aio_runner(
+    keys_dir: Path, cp_port: int, port: int, session_id: str, clock: FakeClock
+) -> tuple[CachingTokenSource, Any]:
+    """An aio runner: the control plane's token source (cached) and a channel."""
+    source = CachingTokenSource(
+        ControlPlaneTokenSource(
+            cp_issuer_url(cp_port) + "/token", public_pem(keys_dir), session_id, clock=clock
+        ),
+        clock=clock,
+    )
+    channel = aio_client.create_channel(
+        f"127.0.0.1:{port}", source, tls=False, options=FAST_RECONNECT
+    )
+    return source, channel
+
+
+async def serve_aio(store: reference.SessionStore, port: int, config: ServerAuthConfig) -> Any:
+    """The aio reference SessionService behind the aio interceptor, on ``port``."""
+    server, _ = await aio_reference.serve(
+        store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
+    )
+    return server
+
+
 def sync_push(channel: Any, session_id: str, payload: str, **kw: Any) -> int:
     return sync_sessions.push(channel, session_id, "assistant", payload, timeout=5, **kw).seq
 
@@ -783,9 +807,7 @@ def test_token_endpoint_down_mid_session_aio(keys_dir: Path, tmp_path: Path) -> 
             config = server_config(
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics
             )
-            state["server"], _ = await aio_reference.serve(
-                store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
-            )
+            state["server"] = await serve_aio(store, port, config)
             state["store"] = store
 
         async def stop_server() -> None:
@@ -981,25 +1003,12 @@ def test_session_server_restart_mid_stream_and_push_aio(
             config = server_config(
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics
             )
-            live["server"], _ = await aio_reference.serve(
-                store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
-            )
+            live["server"] = await serve_aio(store, port, config)
             live["store"] = store
 
         await start_server()
         sid = live["store"].create_session("fault", created_by=OWNER).metadata.id
-        source = CachingTokenSource(
-            ControlPlaneTokenSource(
-                cp_issuer_url(cp_port) + "/token", public_pem(keys_dir), sid, clock=clock
-            ),
-            clock=clock,
-        )
-        channel = aio_client.create_channel(
-            f"127.0.0.1:{port}",
-            source,
-            tls=False,
-            options=FAST_RECONNECT,
-        )
+        source, channel = aio_runner(keys_dir, cp_port, port, sid, clock)
         watch = aio_sessions.watch(
             channel, sid, policy=WatchRetryPolicy(base_delay=0.05, max_delay=0.2)
         )
@@ -1082,9 +1091,7 @@ def test_token_expiry_mid_stream_aio(keys_dir: Path, tmp_path: Path) -> None:
             config = server_config(
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics, leeway=5
             )
-            live["server"], _ = await aio_reference.serve(
-                store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
-            )
+            live["server"] = await serve_aio(store, port, config)
             live["store"] = store
 
         async def restart() -> None:
@@ -1098,18 +1105,7 @@ def test_token_expiry_mid_stream_aio(keys_dir: Path, tmp_path: Path) -> None:
 
         await start_server()
         sid = live["store"].create_session("fault", created_by=OWNER).metadata.id
-        source = CachingTokenSource(
-            ControlPlaneTokenSource(
-                cp_issuer_url(cp_port) + "/token", public_pem(keys_dir), sid, clock=clock
-            ),
-            clock=clock,
-        )
-        channel = aio_client.create_channel(
-            f"127.0.0.1:{port}",
-            source,
-            tls=False,
-            options=FAST_RECONNECT,
-        )
+        source, channel = aio_runner(keys_dir, cp_port, port, sid, clock)
         watch = aio_sessions.watch(
             channel, sid, policy=WatchRetryPolicy(base_delay=0.05, max_delay=0.2)
         )
