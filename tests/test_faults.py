@@ -21,7 +21,6 @@ import dataclasses
 import gc
 import logging
 import random
-import shutil
 import socket
 import threading
 import time
@@ -35,6 +34,7 @@ import grpc
 import grpc.aio
 import pytest
 from aiohttp import web
+from support.cp import copy_keys
 from support.waiting import LoopThread, async_wait_until, wait_until
 
 from ambient_grpc_auth import aio as aio_client
@@ -47,7 +47,7 @@ from ambient_grpc_auth.client.sessions import WatchRetryPolicy
 from ambient_grpc_auth.client.tokens import StaticTokenSource
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.issuers import DEFAULT_AUDIENCE
-from ambient_grpc_auth.controlplane.keys import ensure_keys, load_keys, rotate_signing_key
+from ambient_grpc_auth.controlplane.keys import load_keys, rotate_signing_key
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import TokenUnavailableError
 from ambient_grpc_auth.jwk import VerificationKey
@@ -76,22 +76,11 @@ NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 # --------------------------------------------------------------------------- plumbing
 
 
-@pytest.fixture(scope="module")
-def master_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def keys_dir(tmp_path: Path) -> Path:
     # RSA-2048 encryption key: the proof format does not depend on the size,
     # and a 4096-bit key would cost seconds to generate.
-    directory = tmp_path_factory.mktemp("fault-keys") / "keys"
-    ensure_keys(directory, encryption_key_bits=2048)
-    return directory
-
-
-@pytest.fixture
-def keys_dir(master_keys: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "keys"
-    dest.mkdir(mode=0o700)
-    for item in master_keys.iterdir():
-        shutil.copy2(item, dest / item.name)
-    return dest
+    return copy_keys(tmp_path / "keys", encryption_key_bits=2048)
 
 
 # Quick reconnects after a server restart (gRPC's defaults wait a second and more).

@@ -28,7 +28,6 @@ import json
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.cp import copy_keys
 from support.keys import other_key, signing_key
 from support.waiting import LoopThread
 
@@ -741,8 +741,8 @@ def token_endpoint(
 ) -> Iterator[TokenEndpoint]:
     """One real token endpoint for the module (RSA-2048: the HTTP surface
     does not depend on the key size)."""
-    keys_dir: Path = tmp_path_factory.mktemp("prop-cp") / "keys"
-    keys = ensure_keys(keys_dir, encryption_key_bits=2048)
+    keys_dir = copy_keys(tmp_path_factory.mktemp("prop-cp") / "keys", encryption_key_bits=2048)
+    keys = ensure_keys(keys_dir)
     server = loop_thread.run(
         start_token_server(TokenServerConfig(keys_dir=keys_dir, shutdown_timeout=1.0))
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from support.cp import copy_keys
 
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.keys import ensure_keys
@@ -53,7 +54,7 @@ class _Loop:
 def control_plane(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RunningTokenServer, str]]:
-    keys = ensure_keys(tmp_path_factory.mktemp("readme") / "keys")
+    keys = ensure_keys(copy_keys(tmp_path_factory.mktemp("readme") / "keys"))
     loop = _Loop()
     cp = loop.run(start_token_server(TokenServerConfig(keys=keys)))
     try:
