@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -36,18 +36,6 @@ from ambient_grpc_auth.testing import FakeClock
 
 R = echo_pb2.EchoRequest
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
-
-
-@pytest.fixture
-def server() -> Iterator[EchoServer]:
-    srv = start_echo_server()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def source() -> CountingSource:
-    return CountingSource()
 
 
 def _open(

@@ -44,18 +44,6 @@ R = echo_pb2.EchoRequest
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.fixture
-def server() -> Iterator[EchoServer]:
-    srv = start_echo_server()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def source() -> CountingSource:
-    return CountingSource()
-
-
 def _open(
     server: EchoServer, source: TokenSource, **kwargs: Any
 ) -> tuple[AuthenticatedChannel, Any]:

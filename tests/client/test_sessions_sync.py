@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,7 +17,6 @@ from support.client import (
     FailingSource,
     MintingSource,
     SessionServer,
-    start_session_server,
 )
 from support.waiting import wait_until
 
@@ -35,13 +32,6 @@ from ambient_grpc_auth.client.sessions import (
 from ambient_grpc_auth.client.tokens import TokenSource
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.testing import FakeClock
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[SessionServer]:
-    srv = start_session_server(str(tmp_path / "sessions.db"))
-    yield srv
-    srv.close()
 
 
 def _channel(srv: SessionServer, source: TokenSource) -> AuthenticatedChannel:
