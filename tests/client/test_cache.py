@@ -8,7 +8,7 @@ import random
 import threading
 
 import pytest
-from support.runner import FakeSource
+from support.client import FakeSource
 from support.waiting import async_wait_until, wait_until
 
 from ambient_grpc_auth.client import _refresh

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.runner import FakeSource, Reply, ScriptedServer, Seen
+from support.client import FakeSource
+from support.runner import Reply, ScriptedServer, Seen
 
 from ambient_grpc_auth.client.credentials import (
     DEFAULT_BACKEND_URL,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from support import keys
-from support.runner import FakeSource, b64_pem, make_jwt
+from support.client import FakeSource
+from support.runner import b64_pem, make_jwt
 
 from ambient_grpc_auth._http import excerpt, parse_rfc3339
 from ambient_grpc_auth.client.caching import CachingTokenSource

@@ -110,6 +110,43 @@ class FailingSource:
         return self.get_token()
 
 
+class FakeSource:
+    """A scriptable TokenSource. ``results`` is consumed in order (Token or
+    exception); when empty, ``default`` is returned. ``gate`` (threading) and
+    ``async_gate`` (asyncio) block fetches until set. Counts calls."""
+
+    def __init__(self, *results: Token | BaseException, default: Token | None = None) -> None:
+        self.results = list(results)
+        self.default = default
+        self.calls = 0
+        self.gate: threading.Event | None = None
+        self.async_gate: asyncio.Event | None = None
+        self.entered = threading.Event()
+        self._lock = threading.Lock()
+
+    def _next(self) -> Token:
+        with self._lock:
+            self.calls += 1
+            item = self.results.pop(0) if self.results else self.default
+        if item is None:
+            raise TokenUnavailableError("fake source exhausted", retryable=True)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def get_token(self) -> Token:
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(30), "gate never opened"
+        return self._next()
+
+    async def get_token_async(self) -> Token:
+        self.entered.set()
+        if self.async_gate is not None:
+            await asyncio.wait_for(self.async_gate.wait(), 30)
+        return self._next()
+
+
 # --- server side ----------------------------------------------------------------
 
 

@@ -1,10 +1,9 @@
 """Helpers for runner-side tests: a scripted HTTP server on 127.0.0.1:0 (in a
-thread, usable from sync and async tests alike), a JWT helper and a scripted
-uncached token source."""
+thread, usable from sync and async tests alike) and a JWT helper. The fake
+token sources are in :mod:`support.client`."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import json
@@ -13,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ambient_grpc_auth.client.tokens import Token
-from ambient_grpc_auth.errors import TokenUnavailableError
 from ambient_grpc_auth.testing import FakeIssuer
 from support.keys import signing_key
 
@@ -118,40 +115,3 @@ class ScriptedServer:
 
 def b64_pem(pem: str) -> str:
     return base64.b64encode(pem.encode()).decode()
-
-
-class FakeSource:
-    """A scriptable TokenSource. ``results`` is consumed in order (Token or
-    exception); when empty, ``default`` is returned. ``gate`` (threading) and
-    ``async_gate`` (asyncio) block fetches until set. Counts calls."""
-
-    def __init__(self, *results: Token | BaseException, default: Token | None = None) -> None:
-        self.results = list(results)
-        self.default = default
-        self.calls = 0
-        self.gate: threading.Event | None = None
-        self.async_gate: asyncio.Event | None = None
-        self.entered = threading.Event()
-        self._lock = threading.Lock()
-
-    def _next(self) -> Token:
-        with self._lock:
-            self.calls += 1
-            item = self.results.pop(0) if self.results else self.default
-        if item is None:
-            raise TokenUnavailableError("fake source exhausted", retryable=True)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def get_token(self) -> Token:
-        self.entered.set()
-        if self.gate is not None:
-            assert self.gate.wait(30), "gate never opened"
-        return self._next()
-
-    async def get_token_async(self) -> Token:
-        self.entered.set()
-        if self.async_gate is not None:
-            await asyncio.wait_for(self.async_gate.wait(), 30)
-        return self._next()
