@@ -21,9 +21,9 @@ Example::
 
     clock = FakeClock()
     idp = FakeIssuer("https://idp.test", audience="my-api", clock=clock)
-    config = ServerAuthConfig(issuers=[idp.trusted_issuer()], clock=clock, ...)
-    token = idp.mint("alice", ttl=60)
-    clock.advance(61)  # the token is now expired for the server
+    config = ServerAuthConfig.from_env(issuers=[idp.trusted_issuer()], clock=clock, ...)
+    token = idp.mint("alice", ttl=60)  # accepted by a server built on ``config``
+    clock.advance(60 + 30)  # past exp and the default leeway: now refused as expired
 """
 
 from __future__ import annotations
@@ -92,15 +92,14 @@ class FakeTokenSource:
 
     It behaves like a caching source: it holds at most one token and returns it
     until :meth:`invalidate` drops it or it expires (by ``clock``); the next
-    call then *fetches*. A fetch
-    takes the next scripted item (given to the constructor or to
-    :meth:`enqueue`): a :class:`Token`; a ``str`` (its JWT ``exp``, if any,
-    becomes the expiry); or an exception, which is raised (e.g.
-    :class:`~ambient_grpc_auth.errors.TokenUnavailableError` to simulate an
-    unreachable control plane). With nothing scripted it makes up
+    call then *fetches*. A fetch takes the next scripted item (given to the
+    constructor or to :meth:`enqueue`): a :class:`Token`; a ``str`` (its JWT
+    ``exp``, if any, becomes the expiry); or an exception, which is raised
+    (e.g. :class:`~ambient_grpc_auth.errors.TokenUnavailableError` to simulate
+    an unreachable control plane). With nothing scripted it makes up
     ``"<prefix>-<n>"`` (``n`` counts the tokens handed out by fetches) valid
     for ``ttl`` seconds of ``clock``, or with unknown expiry when ``ttl`` is
-    None.
+    None. Raises :class:`ConfigurationError` for an empty ``prefix``.
 
     Counters for assertions: :attr:`fetches` (fetches that produced a token),
     :attr:`failures` (fetches that raised) and :attr:`invalidated` (the token
@@ -231,9 +230,9 @@ class FakeIssuer:
 
     Two issuers never share a key unless given the same ``key``: a token minted
     by one fails verification against the other's :meth:`key_set` (a forgery
-    with a known ``kid`` is ``FakeIssuer(kid=<same kid>)``). Immutable after
-    construction and thread-safe. Raises :class:`ConfigurationError` when
-    ``algorithm`` does not fit ``key``.
+    with a known ``kid`` is ``FakeIssuer(kid=<same kid>)``). The attributes
+    are for reading; minting is thread-safe. Raises
+    :class:`ConfigurationError` when ``algorithm`` does not fit ``key``.
     """
 
     def __init__(
@@ -282,7 +281,7 @@ class FakeIssuer:
         audience unless ``audience``), ``sub`` (``subject``; left out when
         None), ``iat`` and ``nbf`` (``now``, default ``clock.time()``),
         ``exp`` (``expires_at``, default ``now + ttl``; negative ``ttl``
-        mints an expired token) and a random ``jti``; then ``claims``, which
+        mints an expired token), all in whole seconds, and a random ``jti``; then ``claims``, which
         override any of those; then the names in ``omit`` are removed. The
         header has ``alg``, ``typ`` and ``kid``, updated with ``headers``.
         """
