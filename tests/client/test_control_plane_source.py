@@ -472,7 +472,7 @@ async def test_token_server_refusals(token_server: tuple[RunningTokenServer, str
     assert info.value.status == 403
     assert info.value.retryable is False
     assert "short" not in str(info.value)
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    other = keys.other_key().public_key()
     wrong_key = ControlPlaneTokenSource(server.token_url, other, SESSION)
     with pytest.raises(TokenUnavailableError) as info:
         await asyncio.to_thread(wrong_key.get_token)
