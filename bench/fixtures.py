@@ -30,7 +30,6 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ambient_grpc_auth._clock import Clock
 from ambient_grpc_auth.client.tokens import Token
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import current_principal
@@ -39,6 +38,7 @@ from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.policy import MethodRule, OwnershipPolicy
+from ambient_grpc_auth.testing import Clock
 
 __all__ = [
     "AUDIENCE",

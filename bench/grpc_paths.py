@@ -21,12 +21,12 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client.aio.channel import create_channel as create_aio_channel
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.channel import create_channel
 from ambient_grpc_auth.client.tokens import TokenSource
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.testing import FakeClock
 from bench.fixtures import SESSION_ID, CountingTokenSource, PeerBearerPlugin
 from bench.proc import CpuMeter, rotated
 

@@ -145,6 +145,10 @@ def test_push_and_watch_across_session_server_restart(
         # The token itself is never printed.
         assert "eyJ" not in token.stdout
 
+        def push(payload: str) -> subprocess.CompletedProcess[str]:
+            argv = ["push", "--session", session_id, "--event-type", "assistant"]
+            return _run([*argv, "--payload", payload], runner_env)
+
         watcher = subprocess.Popen(
             [*CLI, "watch", "--session", session_id, "--count", "6", "--json"],
             env=runner_env,
@@ -153,36 +157,14 @@ def test_push_and_watch_across_session_server_restart(
             text=True,
         )
         for i in range(3):
-            pushed = _run(
-                [
-                    "push",
-                    "--session",
-                    session_id,
-                    "--event-type",
-                    "assistant",
-                    "--payload",
-                    f"m{i}",
-                ],
-                runner_env,
-            )
+            pushed = push(f"m{i}")
             assert pushed.returncode == 0, pushed.stderr
             assert json.loads(pushed.stdout)["seq"] == i + 1
 
         assert server.stop() == 0  # SIGTERM: graceful, exit 0
         server = _Server([*server_args, "--listen", address])
         for i in range(3, 6):
-            pushed = _run(
-                [
-                    "push",
-                    "--session",
-                    session_id,
-                    "--event-type",
-                    "assistant",
-                    "--payload",
-                    f"m{i}",
-                ],
-                runner_env,
-            )
+            pushed = push(f"m{i}")
             assert pushed.returncode == 0, pushed.stderr
 
         out, err = watcher.communicate(timeout=60)

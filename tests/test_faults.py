@@ -21,7 +21,6 @@ import dataclasses
 import gc
 import logging
 import random
-import shutil
 import socket
 import threading
 import time
@@ -35,9 +34,10 @@ import grpc
 import grpc.aio
 import pytest
 from aiohttp import web
+from support.cp import copy_keys
+from support.waiting import LoopThread, async_wait_until, wait_until
 
 from ambient_grpc_auth import aio as aio_client
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client import sessions as sync_sessions
 from ambient_grpc_auth.client.aio import sessions as aio_sessions
 from ambient_grpc_auth.client.caching import CachingTokenSource
@@ -47,7 +47,7 @@ from ambient_grpc_auth.client.sessions import WatchRetryPolicy
 from ambient_grpc_auth.client.tokens import StaticTokenSource
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.issuers import DEFAULT_AUDIENCE
-from ambient_grpc_auth.controlplane.keys import ensure_keys, load_keys, rotate_signing_key
+from ambient_grpc_auth.controlplane.keys import load_keys, rotate_signing_key
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import TokenUnavailableError
 from ambient_grpc_auth.jwk import VerificationKey
@@ -63,6 +63,7 @@ from ambient_grpc_auth.server.config import API_TOKEN_ENV, ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet
 from ambient_grpc_auth.server.metrics import AuthMetrics
+from ambient_grpc_auth.testing import FakeClock
 
 T = TypeVar("T")
 
@@ -76,23 +77,15 @@ NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 # --------------------------------------------------------------------------- plumbing
 
 
-@pytest.fixture(scope="module")
-def master_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def keys_dir(tmp_path: Path) -> Path:
     # RSA-2048 encryption key: the proof format does not depend on the size,
     # and a 4096-bit key would cost seconds to generate.
-    directory = tmp_path_factory.mktemp("fault-keys") / "keys"
-    ensure_keys(directory, encryption_key_bits=2048)
-    return directory
+    return copy_keys(tmp_path / "keys", encryption_key_bits=2048)
 
 
-@pytest.fixture
-def keys_dir(master_keys: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "keys"
-    dest.mkdir(mode=0o700)
-    for item in master_keys.iterdir():
-        shutil.copy2(item, dest / item.name)
-    return dest
-
+# Quick reconnects after a server restart (gRPC's defaults wait a second and more).
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200)]
 
 _ISSUED_PORTS: set[int] = set()
 
@@ -109,20 +102,6 @@ def free_port() -> int:
             _ISSUED_PORTS.add(port)
             return port
     raise RuntimeError("no fresh loopback port")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
-async def async_wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def assert_no_new_threads(before: set[threading.Thread], timeout: float = 10.0) -> None:
@@ -163,24 +142,6 @@ def run_isolated(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
     result = asyncio.run(checked())
     assert_no_new_threads(before)
     return result
-
-
-class LoopThread:
-    """An event loop in a thread, hosting aiohttp servers for sync tests."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop")
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.run(self.loop.shutdown_default_executor())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 class SyncSleeps:
@@ -419,10 +380,7 @@ class SyncWorld:
             self.target,
             source,
             tls=False,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 50),
-                ("grpc.max_reconnect_backoff_ms", 200),
-            ],
+            options=FAST_RECONNECT,
         )
         self.channels.append(channel)
         return channel
@@ -476,6 +434,46 @@ class Collector:
         self.watch.close()
         self._thread.join(10)
         assert not self._thread.is_alive()
+
+
+def collect(
+    watch: aio_sessions.SessionWatch,
+) -> tuple[list[int], list[str], asyncio.Future[None]]:
+    """Consume an aio watch in a task: the seqs and payloads it delivers, as
+    they come, and the task (it ends when the watch is closed)."""
+    seqs: list[int] = []
+    payloads: list[str] = []
+
+    async def consume() -> None:
+        async for message in watch:
+            seqs.append(message.seq)
+            payloads.append(message.payload)
+
+    return seqs, payloads, asyncio.ensure_future(consume())
+
+
+def aio_runner(
+    keys_dir: Path, cp_port: int, port: int, session_id: str, clock: FakeClock
+) -> tuple[CachingTokenSource, Any]:
+    """An aio runner: the control plane's token source (cached) and a channel."""
+    source = CachingTokenSource(
+        ControlPlaneTokenSource(
+            cp_issuer_url(cp_port) + "/token", public_pem(keys_dir), session_id, clock=clock
+        ),
+        clock=clock,
+    )
+    channel = aio_client.create_channel(
+        f"127.0.0.1:{port}", source, tls=False, options=FAST_RECONNECT
+    )
+    return source, channel
+
+
+async def serve_aio(store: SessionStore, port: int, config: ServerAuthConfig) -> Any:
+    """The aio reference SessionService behind the aio interceptor, on ``port``."""
+    server, _ = await aio_reference.serve(
+        store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
+    )
+    return server
 
 
 def sync_push(channel: Any, session_id: str, payload: str, **kw: Any) -> int:
@@ -797,9 +795,7 @@ def test_token_endpoint_down_mid_session_aio(keys_dir: Path, tmp_path: Path) -> 
             config = server_config(
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics
             )
-            state["server"], _ = await aio_reference.serve(
-                store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
-            )
+            state["server"] = await serve_aio(store, port, config)
             state["store"] = store
 
         async def stop_server() -> None:
@@ -828,10 +824,7 @@ def test_token_endpoint_down_mid_session_aio(keys_dir: Path, tmp_path: Path) -> 
             f"127.0.0.1:{port}",
             source,
             tls=False,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 50),
-                ("grpc.max_reconnect_backoff_ms", 200),
-            ],
+            options=FAST_RECONNECT,
         )
         watch_sleeps = AsyncSleeps(clock)
         watch_sleeps.hooks[3] = start_cp  # the control plane returns during the 3rd pause
@@ -842,15 +835,7 @@ def test_token_endpoint_down_mid_session_aio(keys_dir: Path, tmp_path: Path) -> 
             sleep=watch_sleeps,
             random=lambda: 0.99,
         )
-        seqs: list[int] = []
-        payloads: list[str] = []
-
-        async def consume() -> None:
-            async for message in watch:
-                seqs.append(message.seq)
-                payloads.append(message.payload)
-
-        consumer = asyncio.ensure_future(consume())
+        seqs, payloads, consumer = collect(watch)
 
         async def push(payload: str) -> int:
             reply = await aio_sessions.push(channel, sid, "assistant", payload, timeout=5)
@@ -1006,44 +991,21 @@ def test_session_server_restart_mid_stream_and_push_aio(
             config = server_config(
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics
             )
-            live["server"], _ = await aio_reference.serve(
-                store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
-            )
+            live["server"] = await serve_aio(store, port, config)
             live["store"] = store
 
         await start_server()
         sid = live["store"].create_session("fault", created_by=OWNER).metadata.id
-        source = CachingTokenSource(
-            ControlPlaneTokenSource(
-                cp_issuer_url(cp_port) + "/token", public_pem(keys_dir), sid, clock=clock
-            ),
-            clock=clock,
-        )
-        channel = aio_client.create_channel(
-            f"127.0.0.1:{port}",
-            source,
-            tls=False,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 50),
-                ("grpc.max_reconnect_backoff_ms", 200),
-            ],
-        )
+        source, channel = aio_runner(keys_dir, cp_port, port, sid, clock)
         watch = aio_sessions.watch(
             channel, sid, policy=WatchRetryPolicy(base_delay=0.05, max_delay=0.2)
         )
-        seqs: list[int] = []
-        payloads: list[str] = []
-
-        async def consume() -> None:
-            async for message in watch:
-                seqs.append(message.seq)
-                payloads.append(message.payload)
+        seqs, payloads, consumer = collect(watch)
 
         async def push(payload: str, **kw: Any) -> int:
             reply = await aio_sessions.push(channel, sid, "assistant", payload, timeout=5, **kw)
             return int(reply.seq)
 
-        consumer = asyncio.ensure_future(consume())
         try:
             for i in range(3):
                 await push(f"a-{i}")
@@ -1117,9 +1079,7 @@ def test_token_expiry_mid_stream_aio(keys_dir: Path, tmp_path: Path) -> None:
             config = server_config(
                 cp_port=cp_port, keys=keys, clock=clock, store=store, metrics=metrics, leeway=5
             )
-            live["server"], _ = await aio_reference.serve(
-                store, f"127.0.0.1:{port}", interceptors=[AioServerAuthInterceptor(config=config)]
-            )
+            live["server"] = await serve_aio(store, port, config)
             live["store"] = store
 
         async def restart() -> None:
@@ -1133,33 +1093,11 @@ def test_token_expiry_mid_stream_aio(keys_dir: Path, tmp_path: Path) -> None:
 
         await start_server()
         sid = live["store"].create_session("fault", created_by=OWNER).metadata.id
-        source = CachingTokenSource(
-            ControlPlaneTokenSource(
-                cp_issuer_url(cp_port) + "/token", public_pem(keys_dir), sid, clock=clock
-            ),
-            clock=clock,
-        )
-        channel = aio_client.create_channel(
-            f"127.0.0.1:{port}",
-            source,
-            tls=False,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 50),
-                ("grpc.max_reconnect_backoff_ms", 200),
-            ],
-        )
+        source, channel = aio_runner(keys_dir, cp_port, port, sid, clock)
         watch = aio_sessions.watch(
             channel, sid, policy=WatchRetryPolicy(base_delay=0.05, max_delay=0.2)
         )
-        seqs: list[int] = []
-        payloads: list[str] = []
-
-        async def consume() -> None:
-            async for message in watch:
-                seqs.append(message.seq)
-                payloads.append(message.payload)
-
-        consumer = asyncio.ensure_future(consume())
+        seqs, payloads, consumer = collect(watch)
         try:
             await platform_push("p-0")
             await async_wait_until(lambda: len(seqs) == 1)

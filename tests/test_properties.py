@@ -20,17 +20,14 @@ in seconds; the hypothesis database replays past failures first.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import functools
 import http.client
 import json
-import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -41,9 +38,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.cp import copy_keys
+from support.keys import other_key, signing_key
+from support.waiting import LoopThread
 
 from ambient_grpc_auth._bearer import authorization_metadata, extract_bearer
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.keys import ensure_keys
@@ -76,6 +75,7 @@ from ambient_grpc_auth.server.config import API_TOKEN_ENV, ServerAuthConfig
 from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.policy import CallerClassifier
+from ambient_grpc_auth.testing import FakeClock
 
 T = TypeVar("T")
 
@@ -95,11 +95,6 @@ def outcome_of(error: type[E], fn: Callable[..., T], *args: Any, **kwargs: Any) 
         return fn(*args, **kwargs)
     except error as exc:
         return exc
-
-
-@functools.cache
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 # --------------------------------------------------------------------------- bearer parser
@@ -175,11 +170,11 @@ def _encrypt(plaintext: bytes) -> str:
     oaep = padding.OAEP(
         mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
     )
-    return base64.b64encode(rsa_key().public_key().encrypt(plaintext, oaep)).decode("ascii")
+    return base64.b64encode(signing_key().public_key().encrypt(plaintext, oaep)).decode("ascii")
 
 
 def _decode(value: object) -> DecodedProof | ProofError:
-    outcome = outcome_of(ProofError, decode_proof, rsa_key(), value)
+    outcome = outcome_of(ProofError, decode_proof, signing_key(), value)
     if isinstance(outcome, ProofError):
         assert outcome.status == 401
         assert outcome.reason in PROOF_REASONS
@@ -212,7 +207,7 @@ def test_decode_proof_arbitrary_input(value: object) -> None:
 
 
 @MEDIUM
-@given(plaintext=st.binary(max_size=max_plaintext_bytes(rsa_key())))
+@given(plaintext=st.binary(max_size=max_plaintext_bytes(signing_key())))
 def test_decode_proof_any_plaintext(plaintext: bytes) -> None:
     outcome = _decode(_encrypt(plaintext))
     try:
@@ -261,7 +256,7 @@ proof_docs = st.fixed_dictionaries(
 @given(doc=proof_docs)
 def test_decode_proof_any_json_document(doc: dict[str, Any]) -> None:
     raw = json.dumps(doc).encode()
-    assume(len(raw) <= max_plaintext_bytes(rsa_key()))
+    assume(len(raw) <= max_plaintext_bytes(signing_key()))
     outcome = _decode(_encrypt(raw))
     if isinstance(outcome, ProofError):
         assert "v" in doc  # only versioned documents are refused
@@ -289,15 +284,15 @@ def test_decode_proof_any_json_document(doc: dict[str, Any]) -> None:
 )
 def test_v2_proofs_round_trip(sid: str, ts: int, nonce: bytes) -> None:
     proof = outcome_of(
-        ConfigurationError, encrypt_v2, rsa_key().public_key(), sid, now=ts, nonce=nonce
+        ConfigurationError, encrypt_v2, signing_key().public_key(), sid, now=ts, nonce=nonce
     )
     if isinstance(proof, ConfigurationError):
         # Documented refusal: the JSON document must fit one OAEP block.
         doc = {"v": 2, "sid": sid, "ts": ts, "nonce": "A" * 22}
-        assert len(json.dumps(doc, separators=(",", ":"))) > max_plaintext_bytes(rsa_key())
+        assert len(json.dumps(doc, separators=(",", ":"))) > max_plaintext_bytes(signing_key())
         assert sid not in str(proof)
         return
-    decoded = decode_proof(rsa_key(), proof)
+    decoded = decode_proof(signing_key(), proof)
     assert (decoded.session_id, decoded.version, decoded.issued_at) == (sid, 2, ts)
     assert decoded.nonce == base64.urlsafe_b64encode(nonce).rstrip(b"=").decode()
 
@@ -429,7 +424,7 @@ JWT_REASONS = {
 
 @functools.cache
 def trusted_issuer() -> TrustedIssuer:
-    key = VerificationKey(kid=KID, key=rsa_key().public_key())
+    key = VerificationKey(kid=KID, key=signing_key().public_key())
     return TrustedIssuer(
         issuer=ISS,
         audiences=(AUD,),
@@ -457,11 +452,6 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-@functools.cache
-def attacker_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
 def sign(
     header: dict[str, Any], claims: dict[str, Any], key: rsa.RSAPrivateKey | None = None
 ) -> str:
@@ -470,7 +460,7 @@ def sign(
     signing_input = (
         _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
     ).encode("ascii")
-    signature = (key or rsa_key()).sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    signature = (key or signing_key()).sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
     return signing_input.decode("ascii") + "." + _b64(signature)
 
 
@@ -604,7 +594,7 @@ def test_keys_named_by_the_token_are_never_used(
 ) -> None:
     """A token that carries or points at its own key (jwk, jku, x5u, x5c)
     is verified with the configured key only."""
-    attacker = attacker_key()
+    attacker = other_key()
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(attacker.public_key()))
     pointer = {"jwk": jwk, "jku": "https://attacker.test/jwks", "x5u": "https://attacker.test/c"}
     header: dict[str, Any] = {"alg": "RS256", embedded: pointer.get(embedded, ["MIIB"])}
@@ -636,22 +626,6 @@ def test_arbitrary_token_strings(token: str) -> None:
 
 
 # --------------------------------------------------------------------------- through real servers
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="prop-loop")
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.run(self.loop.shutdown_default_executor())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -771,8 +745,8 @@ def token_endpoint(
 ) -> Iterator[TokenEndpoint]:
     """One real token endpoint for the module (RSA-2048: the HTTP surface
     does not depend on the key size)."""
-    keys_dir: Path = tmp_path_factory.mktemp("prop-cp") / "keys"
-    keys = ensure_keys(keys_dir, encryption_key_bits=2048)
+    keys_dir = copy_keys(tmp_path_factory.mktemp("prop-cp") / "keys", encryption_key_bits=2048)
+    keys = ensure_keys(keys_dir)
     server = loop_thread.run(
         start_token_server(TokenServerConfig(keys_dir=keys_dir, shutdown_timeout=1.0))
     )

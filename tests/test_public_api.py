@@ -318,6 +318,7 @@ PUBLIC: dict[str, list[str]] = {
         "VerifiedTokenCache",
         "token_expiry",
     ],
+    "testing": ["Clock", "FakeClock", "FakeIssuer", "FakeTokenSource"],
 }
 
 

@@ -6,15 +6,17 @@ import asyncio
 import contextlib
 import io
 import re
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from support.cp import copy_keys
+from support.waiting import LoopThread
 
+from ambient_grpc_auth.client.channel import create_channel
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.keys import ensure_keys
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
@@ -25,6 +27,7 @@ from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.jwks import JwksCache
+from ambient_grpc_auth.testing import FakeClock, FakeTokenSource
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SERVICE_TOKEN = "readme-service-token-0123456789"  # noqa: S105 (test value)
@@ -34,28 +37,12 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
 
 
-class _Loop:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Any:
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result(60)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def control_plane(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[RunningTokenServer, str]]:
-    keys = ensure_keys(tmp_path_factory.mktemp("readme") / "keys")
-    loop = _Loop()
+    keys = ensure_keys(copy_keys(tmp_path_factory.mktemp("readme") / "keys"))
+    loop = LoopThread()
     cp = loop.run(start_token_server(TokenServerConfig(keys=keys)))
     try:
         yield cp, keys.public_pem
@@ -112,7 +99,7 @@ def runner_env(
 
 
 def test_readme_has_the_samples() -> None:
-    assert len(_python_blocks()) == 3
+    assert len(_python_blocks()) == 4
 
 
 def test_sync_runner_sample(runner_env: str) -> None:
@@ -154,5 +141,34 @@ def test_server_sample(
             )
             assert created.created_by_user_id == "ambient-api-token"
     finally:
+        server.stop(None)
+        store.close()
+
+
+def test_testing_sample() -> None:
+    namespace: dict[str, Any] = {}
+    exec(_python_blocks()[3], namespace)  # noqa: S102 (the README sample)
+    clock: FakeClock = namespace["clock"]
+    source: FakeTokenSource = namespace["source"]
+    store = SessionStore(":memory:")
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), interceptors=[namespace["interceptor"]]
+    )
+    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(store), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = create_channel(f"127.0.0.1:{port}", source, tls=False)
+    try:
+        stub = sessions_pb2_grpc.SessionServiceStub(channel)
+        created = stub.CreateSession(sessions_pb2.CreateSessionRequest(name="x"), timeout=5)
+        assert created.created_by_user_id == "alice"
+        assert source.fetches == 1
+        clock.advance(120)  # the minted token expired; the made-up ones are refused
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CreateSession(sessions_pb2.CreateSessionRequest(name="y"), timeout=5)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert source.fetches >= 2
+    finally:
+        channel.close()
         server.stop(None)
         store.close()

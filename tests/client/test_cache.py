@@ -6,18 +6,17 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
-from support.runner import FakeSource
+from support.client import FakeSource
+from support.waiting import async_wait_until, wait_until
 
-from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth.client import _refresh, caching
+from ambient_grpc_auth.client import _refresh
 from ambient_grpc_auth.client._refresh import Action, CacheState, RefreshPolicy
 from ambient_grpc_auth.client.caching import REFRESH_AHEAD_SECONDS, CachingTokenSource
 from ambient_grpc_auth.client.tokens import Token
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
+from ambient_grpc_auth.testing import FakeClock
 
 TTL = 900.0  # a typical 15-minute runner token
 
@@ -31,26 +30,8 @@ def make(source: FakeSource, clock: FakeClock, **kw: object) -> CachingTokenSour
     return CachingTokenSource(source, clock=clock, **kw)  # type: ignore[arg-type]
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
-
-
-async def async_wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.001)
-
-
-def test_public_surface() -> None:
-    assert set(caching.__all__) == {
-        "CachingTokenSource",
-        "REFRESH_AHEAD_SECONDS",
-        "UNKNOWN_EXPIRY_MAX_AGE_SECONDS",
-    }
+def test_refresh_ahead_is_a_minute() -> None:
+    # The module's __all__ is pinned in tests/test_public_api.py.
     assert REFRESH_AHEAD_SECONDS == 60.0
 
 
@@ -296,7 +277,7 @@ def test_single_flight_1000_threads() -> None:
         t.start()
     try:
         # All but the owner (blocked in the source) wait for its result.
-        wait_for(lambda: cache.waiters == n - 1)
+        wait_until(lambda: cache.waiters == n - 1, timeout=20)
         assert src.calls == 1
         assert src.entered.is_set()
     finally:
@@ -326,7 +307,7 @@ def test_waiters_share_a_failure() -> None:
     threads = [threading.Thread(target=worker) for _ in range(20)]
     for t in threads:
         t.start()
-    wait_for(lambda: cache.waiters == 19)
+    wait_until(lambda: cache.waiters == 19)
     src.gate.set()
     for t in threads:
         t.join(10)
@@ -389,7 +370,7 @@ async def test_async_single_flight_1000_tasks() -> None:
     n = 1000
     tasks = [asyncio.create_task(cache.get_token_async()) for _ in range(n)]
     try:
-        await async_wait_for(lambda: cache.waiters == n)
+        await async_wait_until(lambda: cache.waiters == n, timeout=20)
         assert src.calls == 1  # only the initial fetch completed
     finally:
         src.async_gate.set()
@@ -416,9 +397,9 @@ async def test_async_fetch_does_not_block_the_loop() -> None:
     ticking = asyncio.create_task(ticker())
     fetch = asyncio.create_task(cache.get_token_async())
     try:
-        await async_wait_for(src.entered.is_set)
+        await async_wait_until(src.entered.is_set)
         before = ticks
-        await async_wait_for(lambda: ticks > before + 100)
+        await async_wait_until(lambda: ticks > before + 100)
         assert not fetch.done()
     finally:
         src.async_gate.set()
@@ -457,9 +438,9 @@ async def test_async_cancelled_caller_does_not_cancel_the_fetch() -> None:
     src.async_gate = asyncio.Event()
     cache = make(src, clock)
     first = asyncio.create_task(cache.get_token_async())
-    await async_wait_for(src.entered.is_set)
+    await async_wait_until(src.entered.is_set)
     second = asyncio.create_task(cache.get_token_async())
-    await async_wait_for(lambda: cache.waiters == 2)
+    await async_wait_until(lambda: cache.waiters == 2)
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -483,7 +464,7 @@ async def test_sync_call_on_fetching_loop_raises_instead_of_deadlocking() -> Non
     src.async_gate = asyncio.Event()
     cache = make(src, clock)
     task = asyncio.create_task(cache.get_token_async())
-    await async_wait_for(src.entered.is_set)
+    await async_wait_until(src.entered.is_set)
     with pytest.raises(TokenUnavailableError, match="get_token_async"):
         cache.get_token()
     src.async_gate.set()
@@ -496,7 +477,7 @@ async def test_threads_and_tasks_share_one_fetch() -> None:
     src.async_gate = asyncio.Event()
     cache = make(src, clock)
     owner = asyncio.create_task(cache.get_token_async())
-    await async_wait_for(src.entered.is_set)
+    await async_wait_until(src.entered.is_set)
     results: list[str] = []
     threads = [
         threading.Thread(target=lambda: results.append(cache.get_token().value)) for _ in range(50)
@@ -509,7 +490,7 @@ async def test_threads_and_tasks_share_one_fetch() -> None:
         target=lambda: other_loop.append(asyncio.run(cache.get_token_async()).value)
     )
     other.start()
-    await async_wait_for(lambda: cache.waiters == 52)
+    await async_wait_until(lambda: cache.waiters == 52)
     src.async_gate.set()
     assert (await owner).value == "shared"
     await asyncio.to_thread(lambda: [t.join(10) for t in [*threads, other]])

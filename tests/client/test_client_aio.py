@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -21,12 +21,11 @@ from support.client import (
     FailingSource,
     FixedSource,
     MintingSource,
-    async_wait_until,
     reserve_port,
     start_echo_server,
 )
+from support.waiting import async_wait_until
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client._core import interceptor_state
 from ambient_grpc_auth.client.aio.channel import AuthenticatedChannel, create_channel
 from ambient_grpc_auth.client.aio.interceptor import AuthInterceptor, TokenUnavailableRpcError
@@ -34,21 +33,10 @@ from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.tokens import Token, TokenSource
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.testing import FakeClock
 
 R = echo_pb2.EchoRequest
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
-
-
-@pytest.fixture
-def server() -> Iterator[EchoServer]:
-    srv = start_echo_server()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def source() -> CountingSource:
-    return CountingSource()
 
 
 def _open(

@@ -25,10 +25,9 @@ from support.client import (
     MintingSource,
     reserve_port,
     start_echo_server,
-    wait_until,
 )
+from support.waiting import wait_until
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel
 from ambient_grpc_auth.client.interceptor import (
@@ -39,21 +38,10 @@ from ambient_grpc_auth.client.interceptor import (
 from ambient_grpc_auth.client.tokens import TokenSource
 from ambient_grpc_auth.errors import TokenUnavailableError
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.testing import FakeClock
 
 R = echo_pb2.EchoRequest
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
-
-
-@pytest.fixture
-def server() -> Iterator[EchoServer]:
-    srv = start_echo_server()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def source() -> CountingSource:
-    return CountingSource()
 
 
 def _open(

@@ -7,7 +7,6 @@ test here runs on both, against a real server on 127.0.0.1."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -38,13 +37,6 @@ class _PassThrough(grpc.UnaryUnaryClientInterceptor):
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return continuation(details, request)
-
-
-@pytest.fixture
-def server() -> Iterator[EchoServer]:
-    srv = start_echo_server()
-    yield srv
-    srv.stop()
 
 
 def _open(

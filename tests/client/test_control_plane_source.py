@@ -13,10 +13,9 @@ import jwt
 import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import rsa
-from support.runner import Reply, ScriptedServer, Seen, make_jwt, shared_public_pem, shared_rsa_key
+from support import keys
+from support.runner import Reply, ScriptedServer, Seen, make_jwt
 
-from ambient_grpc_auth._clock import FakeClock
-from ambient_grpc_auth.client import control_plane as cpsource
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
 from ambient_grpc_auth.client.tokens import Token
@@ -25,6 +24,7 @@ from ambient_grpc_auth.controlplane.keys import ensure_keys
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenUnavailableError
 from ambient_grpc_auth.proof import decode_proof
+from ambient_grpc_auth.testing import FakeClock
 
 SESSION = "session-0123456789"
 ISSUED = make_jwt(1_900_000_000, session_id=SESSION)
@@ -38,12 +38,12 @@ def http_server() -> Iterator[ScriptedServer]:
 
 @pytest.fixture
 def rsa_key() -> rsa.RSAPrivateKey:
-    return shared_rsa_key()
+    return keys.signing_key()
 
 
 @pytest.fixture
 def public_pem() -> str:
-    return shared_public_pem()
+    return keys.public_pem(keys.signing_key()).decode("ascii")
 
 
 class Recorder:
@@ -109,17 +109,6 @@ def assert_no_secrets(message: str, server: ScriptedServer) -> None:
     for seen in server.requests:
         if seen.authorization:
             assert seen.authorization.split(" ", 1)[1] not in message
-
-
-def test_public_surface() -> None:
-    assert set(cpsource.__all__) == {
-        "CP_PUBLIC_KEY_ENV",
-        "CP_TOKEN_URL_ENV",
-        "DEFAULT_MAX_RESPONSE_BYTES",
-        "SESSION_ID_ENV",
-        "ControlPlaneTokenSource",
-        "ProofVersion",
-    }
 
 
 # --- success ----------------------------------------------------------------------
@@ -522,7 +511,7 @@ async def test_token_server_refusals(token_server: tuple[RunningTokenServer, str
     assert info.value.status == 403
     assert info.value.retryable is False
     assert "short" not in str(info.value)
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    other = keys.other_key().public_key()
     wrong_key = ControlPlaneTokenSource(server.token_url, other, SESSION)
     with pytest.raises(TokenUnavailableError) as info:
         await asyncio.to_thread(wrong_key.get_token)

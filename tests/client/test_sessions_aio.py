@@ -4,7 +4,6 @@ SessionService on 127.0.0.1, plus the resume logic against scripted streams."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +18,15 @@ from support.client import (
     FailingSource,
     MintingSource,
     SessionServer,
-    async_wait_until,
-    start_session_server,
 )
+from support.waiting import async_wait_until
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client.aio.channel import AuthenticatedChannel, create_channel
 from ambient_grpc_auth.client.aio.sessions import SessionWatch, WatchRetryPolicy, push, watch
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.tokens import TokenSource
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[SessionServer]:
-    srv = start_session_server(str(tmp_path / "sessions.db"))
-    yield srv
-    srv.close()
+from ambient_grpc_auth.testing import FakeClock
 
 
 def _channel(srv: SessionServer, source: TokenSource) -> AuthenticatedChannel:

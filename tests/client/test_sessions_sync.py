@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,11 +17,9 @@ from support.client import (
     FailingSource,
     MintingSource,
     SessionServer,
-    start_session_server,
-    wait_until,
 )
+from support.waiting import wait_until
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel
 from ambient_grpc_auth.client.env import resume_after_seq_from_env
@@ -35,13 +31,7 @@ from ambient_grpc_auth.client.sessions import (
 )
 from ambient_grpc_auth.client.tokens import TokenSource
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[SessionServer]:
-    srv = start_session_server(str(tmp_path / "sessions.db"))
-    yield srv
-    srv.close()
+from ambient_grpc_auth.testing import FakeClock
 
 
 def _channel(srv: SessionServer, source: TokenSource) -> AuthenticatedChannel:

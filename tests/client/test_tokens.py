@@ -7,9 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from support.runner import FakeSource, b64_pem, make_jwt, shared_public_pem
+from support import keys
+from support.client import FakeSource
+from support.runner import b64_pem, make_jwt
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth._http import excerpt, parse_rfc3339
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.control_plane import ControlPlaneTokenSource
@@ -25,13 +26,14 @@ from ambient_grpc_auth.client.tokens import (
     jwt_expiry,
 )
 from ambient_grpc_auth.errors import ConfigurationError, TokenUnavailableError
+from ambient_grpc_auth.testing import FakeClock
 
 SECRET = "s3cr3t-value-that-must-not-leak"
 
 
 @pytest.fixture
 def public_pem() -> str:
-    return shared_public_pem()
+    return keys.public_pem(keys.signing_key()).decode("ascii")
 
 
 # --- Token ------------------------------------------------------------------

@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from support.cp import copy_keys, ensure_keys_worker, master_keys_dir
+from support.keys import other_key
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth._keyfiles import create_exclusive
 from ambient_grpc_auth.controlplane.keys import (
     SigningKey,
@@ -38,6 +38,7 @@ from ambient_grpc_auth.controlplane.keys import (
 )
 from ambient_grpc_auth.errors import KeyFileError
 from ambient_grpc_auth.jwk import jwk_thumbprint
+from ambient_grpc_auth.testing import FakeClock
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth"}
 
@@ -215,8 +216,7 @@ def test_malformed_files_raise_clear_errors(
 
 def test_mismatched_pair(tmp_path: Path) -> None:
     d = copy_keys(tmp_path / "k")
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    (d / "public.pem").write_bytes(public_key_pem(other.public_key()))
+    (d / "public.pem").write_bytes(public_key_pem(other_key().public_key()))
     with pytest.raises(KeyFileError, match="does not match"):
         load_keys(d)
 

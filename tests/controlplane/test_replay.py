@@ -7,7 +7,6 @@ import threading
 
 import pytest
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.controlplane.replay import (
     DEFAULT_MAX_ENTRIES,
     MemoryReplayStore,
@@ -16,6 +15,7 @@ from ambient_grpc_auth.controlplane.replay import (
 )
 from ambient_grpc_auth.errors import ConfigurationError, ProofError
 from ambient_grpc_auth.proof import DecodedProof
+from ambient_grpc_auth.testing import FakeClock
 
 SID = "session-0123456789abcdef"
 T0 = 1_800_000_000

@@ -20,7 +20,7 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,8 @@ from support.cp import (
     serving,
     verify_with,
 )
+from support.waiting import async_wait_until as wait_until
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.controlplane.app import STATE
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
@@ -58,6 +58,7 @@ from ambient_grpc_auth.controlplane.oidc_issuer import OidcClientCredentialsIssu
 from ambient_grpc_auth.controlplane.server import create_app
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.proof import encrypt_v1, encrypt_v2
+from ambient_grpc_auth.testing import FakeClock
 
 SID = "session-0123456789abcdef"
 ISS = "https://cp.ambient.test"
@@ -86,13 +87,6 @@ def cfg(keys_dir: Path, **kw: Any) -> TokenServerConfig:
 
 def pub_key(keys_dir: Path) -> rsa.RSAPublicKey:
     return load_public_key(public_pem(keys_dir))
-
-
-async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 async def token_of(http: aiohttp.ClientSession, url: str, bearer: str) -> dict[str, str]:

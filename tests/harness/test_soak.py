@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from support.cp import copy_keys
 
-from ambient_grpc_auth.controlplane.keys import ensure_keys
 from ambient_grpc_auth.errors import ConfigurationError
 from bench.load import main as load_main
 from bench.soak import SoakConfig, _Ledger, main
@@ -44,8 +44,7 @@ def _children() -> list[int]:
 def test_short_soak_loses_and_duplicates_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    keys = tmp_path / "keys"
-    ensure_keys(keys, encryption_key_bits=2048)  # RSA-4096 would cost seconds
+    keys = copy_keys(tmp_path / "keys", encryption_key_bits=2048)  # RSA-4096 costs seconds
     threads = set(threading.enumerate())
     children = set(_children())
     started = time.monotonic()
@@ -91,8 +90,7 @@ def test_short_soak_loses_and_duplicates_nothing(
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc for memory figures")
 def test_short_load_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    keys = tmp_path / "keys"
-    ensure_keys(keys, encryption_key_bits=2048)
+    keys = copy_keys(tmp_path / "keys", encryption_key_bits=2048)
     children = set(_children())
     code = load_main(
         ["--streams", "6", "--duration", "2", "--rate", "20", "--keys-dir", str(keys)]

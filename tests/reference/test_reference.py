@@ -22,12 +22,10 @@ from support.reference import (
     PrincipalInterceptor,
     as_service,
     as_user,
-    async_wait_until,
     extra_threads,
-    wait_until,
 )
+from support.waiting import async_wait_until, wait_until
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2 as pb
@@ -45,6 +43,7 @@ from ambient_grpc_auth.reference.store import (
     status_of,
     validate_watch,
 )
+from ambient_grpc_auth.testing import FakeClock
 
 Code = grpc.StatusCode
 MiB = 1 << 20

@@ -13,21 +13,18 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from support.keys import ec_key, other_key, signing_key
 from support.server import (
     AUDIENCE,
     IDP_ISSUER,
     IDP_KID,
     alg_none_token,
-    ec_key,
     forged_payload,
     hand_made,
     hs256_with_public_pem,
     mint,
-    other_key,
-    signing_key,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import CallerKind, Principal
@@ -41,6 +38,7 @@ from ambient_grpc_auth.server.authn import (
     kubernetes_issuer,
 )
 from ambient_grpc_auth.server.jwks import JwksCache, StaticKeySet
+from ambient_grpc_auth.testing import FakeClock
 
 
 def keyset(*keys: VerificationKey) -> StaticKeySet:

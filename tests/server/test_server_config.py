@@ -10,25 +10,20 @@ from typing import Any
 
 import grpc
 import pytest
+from support.keys import jwk_of, signing_key
 from support.server import (
     AUDIENCE,
     CP_ISSUER,
     ECHO,
     IDP_ISSUER,
     IDP_KID,
-    AsyncEcho,
     JwksServer,
     Recorder,
     RunningServer,
-    SyncEcho,
-    jwk_of,
     mint,
-    signing_key,
-    start_aio_server_in_thread,
-    start_sync_server,
+    start_echo,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import Principal
@@ -48,6 +43,7 @@ from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import JwksCache, StaticKeySet
 from ambient_grpc_auth.server.metrics import AuthMetrics
 from ambient_grpc_auth.server.policy import MethodRule, OwnershipPolicy
+from ambient_grpc_auth.testing import FakeClock
 
 
 def idp(keys: Any = None, **kw: Any) -> TrustedIssuer:
@@ -160,19 +156,7 @@ RULES = {ECHO + "Echo": MethodRule.session("session_id")}
 
 def _start(kind: str, config: ServerAuthConfig) -> tuple[RunningServer, Recorder]:
     recorder = Recorder()
-    if kind == "sync":
-        servicer: Any = SyncEcho(recorder)
-        server = start_sync_server(
-            [ServerAuthInterceptor(config=config)],
-            lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
-        )
-    else:
-        servicer = AsyncEcho(recorder)
-        server = start_aio_server_in_thread(
-            [AioServerAuthInterceptor(config=config)],
-            lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
-        )
-    return server, recorder
+    return start_echo(kind, config, recorder), recorder
 
 
 @pytest.fixture(params=["sync", "aio"])

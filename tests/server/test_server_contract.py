@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.keys import other_key, signing_key
 from support.server import (
     CP_ISSUER,
     CP_KID,
@@ -26,33 +26,23 @@ from support.server import (
     OWNERS,
     SERVICE_ACCOUNT,
     STATIC_TOKEN,
-    AsyncEcho,
-    AsyncEchoReaderWriter,
     Recorder,
     RunningServer,
-    SyncEcho,
     alg_none_token,
     hs256_with_public_pem,
     mint,
-    other_key,
     runner_token,
-    signing_key,
-    start_aio_server_in_thread,
-    start_sync_server,
+    start_echo,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
-from ambient_grpc_auth.server.aio.interceptor import (
-    ServerAuthInterceptor as AioServerAuthInterceptor,
-)
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
-from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.metrics import AuthMetrics
 from ambient_grpc_auth.server.policy import MethodRule, OwnershipPolicy
+from ambient_grpc_auth.testing import FakeClock
 
 KINDS = ("sync", "aio", "aio-rw", "aio-sync")
 SA_PATTERN = "system:serviceaccount:*:session-*-sa"
@@ -103,21 +93,7 @@ class Harness:
 def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     kind: str = request.param
     clock, metrics, recorder = FakeClock(), AuthMetrics(), Recorder()
-    config = build_config(clock, metrics)
-    if kind == "sync":
-        servicer: Any = SyncEcho(recorder)
-        server = start_sync_server(
-            [ServerAuthInterceptor(config=config)],
-            lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
-        )
-    else:
-        servicer = {"aio": AsyncEcho, "aio-rw": AsyncEchoReaderWriter, "aio-sync": SyncEcho}[kind](
-            recorder
-        )
-        server = start_aio_server_in_thread(
-            [AioServerAuthInterceptor(config=config)],
-            lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, s),
-        )
+    server = start_echo(kind, build_config(clock, metrics), recorder)
     channel = grpc.insecure_channel(server.target)
     try:
         yield Harness(

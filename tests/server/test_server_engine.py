@@ -25,7 +25,6 @@ from support.server import (
     signing_key,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import CallerKind
 from ambient_grpc_auth.server.authn import TrustedIssuer
@@ -41,6 +40,7 @@ from ambient_grpc_auth.server.engine import (
 from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.metrics import AuthMetrics
 from ambient_grpc_auth.server.policy import DENY, MethodRule, OwnershipPolicy
+from ambient_grpc_auth.testing import FakeClock
 
 ECHO_CALL = ECHO + "Echo"
 CLOSED = "/ambient.testing.v1.Closed/Call"

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.server import CP_ISSUER, JwksServer, other_key, signing_key
+from support.keys import other_key, signing_key
+from support.server import CP_ISSUER, JwksServer
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.controlplane.issuers import DEFAULT_AUDIENCE, DEFAULT_SUBJECT, JwtIssuer
 from ambient_grpc_auth.controlplane.signing import SigningKey, SigningKeySet
 from ambient_grpc_auth.errors import TokenRejectedError
@@ -21,6 +21,7 @@ from ambient_grpc_auth.principal import CallerKind
 from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.server.jwks import JwksCache
 from ambient_grpc_auth.server.policy import CallerClassifier
+from ambient_grpc_auth.testing import FakeClock
 
 
 @pytest.fixture

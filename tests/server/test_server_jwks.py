@@ -14,25 +14,16 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from support.server import (
-    AUDIENCE,
-    IDP_ISSUER,
-    JwksServer,
-    ec_key,
-    jwk_of,
-    mint,
-    other_key,
-    public_pem,
-    signing_key,
-)
+from support.keys import ec_key, jwk_of, other_key, public_pem, signing_key
+from support.server import AUDIENCE, IDP_ISSUER, JwksServer, mint
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.controlplane import keys as cp_keys
 from ambient_grpc_auth.errors import ConfigurationError, KeyFileError, TokenRejectedError
 from ambient_grpc_auth.jwk import jwk_thumbprint, key_from_jwk, parse_jwks
 from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.server.jwks import JwksCache, KeysUnavailableError, StaticKeySet
 from ambient_grpc_auth.server.metrics import AuthMetrics
+from ambient_grpc_auth.testing import FakeClock
 
 COOLDOWN = 30.0
 

@@ -8,35 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.keys import signing_key
 from support.server import (
     AUDIENCE,
     ECHO,
     IDP_ISSUER,
     IDP_KID,
-    AsyncEcho,
     Recorder,
-    SyncEcho,
     mint,
-    signing_key,
-    start_aio_server_in_thread,
-    start_sync_server,
+    start_echo,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import CallerKind, Principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 from ambient_grpc_auth.server import engine as serverengine
-from ambient_grpc_auth.server.aio.interceptor import (
-    ServerAuthInterceptor as AioServerAuthInterceptor,
-)
 from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.engine import Admission, AuthEngine, Verification
@@ -45,6 +38,7 @@ from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.metrics import AuthMetrics
 from ambient_grpc_auth.server.policy import MethodRule, OwnershipPolicy
 from ambient_grpc_auth.server.tokencache import VerifiedTokenCache
+from ambient_grpc_auth.testing import FakeClock
 
 RULE = MethodRule.session("session_id")
 METHODS = {ECHO + name: RULE for name in ("Echo", "StreamEcho", "CollectEcho", "ChatEcho")}
@@ -243,23 +237,6 @@ def test_the_bound_check_agrees_with_the_full_decision(
 # --- black box: real servers, sync and aio ----------------------------------------------
 
 
-ServerFactory = Callable[[ServerAuthConfig, Recorder], Any]
-
-
-def _sync(config: ServerAuthConfig, recorder: Recorder) -> Any:
-    return start_sync_server(
-        [ServerAuthInterceptor(config=config)],
-        lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(SyncEcho(recorder), s),
-    )
-
-
-def _aio(config: ServerAuthConfig, recorder: Recorder) -> Any:
-    return start_aio_server_in_thread(
-        [AioServerAuthInterceptor(config=config)],
-        lambda s: echo_pb2_grpc.add_EchoServiceServicer_to_server(AsyncEcho(recorder), s),
-    )
-
-
 @pytest.fixture(params=["sync", "aio", "aio-inline"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -272,7 +249,7 @@ def served(kind: str) -> Iterator[tuple[Any, dict[str, str], AuthMetrics, Record
     metrics = AuthMetrics()
     recorder = Recorder()
     config = _config(clock, owners, metrics=metrics, inline=kind == "aio-inline")
-    server = (_sync if kind == "sync" else _aio)(config, recorder)
+    server = start_echo("sync" if kind == "sync" else "aio", config, recorder)
     with grpc.insecure_channel(server.target) as channel:
         yield echo_pb2_grpc.EchoServiceStub(channel), owners, metrics, recorder, clock
     server.stop()

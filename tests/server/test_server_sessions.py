@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import grpc
 import grpc.aio
 import pytest
+from support.keys import signing_key
 from support.server import (
     AUDIENCE,
     CP_ISSUER,
@@ -25,10 +26,8 @@ from support.server import (
     mint,
     run_aio_server_in_thread,
     runner_token,
-    signing_key,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference import servicer as reference
@@ -43,6 +42,7 @@ from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
 from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.metrics import AuthMetrics
 from ambient_grpc_auth.server.policy import DENY, OwnershipPolicy
+from ambient_grpc_auth.testing import FakeClock
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 

@@ -7,6 +7,7 @@ from types import MappingProxyType
 
 import grpc
 import pytest
+from support.keys import signing_key
 from support.server import (
     AUDIENCE,
     ECHO,
@@ -15,11 +16,9 @@ from support.server import (
     Recorder,
     SyncEcho,
     mint,
-    signing_key,
     start_sync_server,
 )
 
-from ambient_grpc_auth._clock import FakeClock
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.jwk import VerificationKey
 from ambient_grpc_auth.principal import CallerKind, Principal
@@ -31,6 +30,7 @@ from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.server.metrics import AuthMetrics
 from ambient_grpc_auth.server.policy import OwnershipPolicy
 from ambient_grpc_auth.server.tokencache import VerifiedTokenCache, token_expiry
+from ambient_grpc_auth.testing import FakeClock
 
 ALICE = Principal("alice", CallerKind.USER)
 

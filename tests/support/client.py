@@ -1,4 +1,5 @@
-"""Test support for the runner-side client: fake token sources, an Echo server
+"""Test support for the runner-side client: fake token sources (besides the
+public :class:`~ambient_grpc_auth.testing.FakeTokenSource`), an Echo server
 that records what it sees, a bearer-checking server interceptor (sync), and
 helpers to run the reference SessionService behind it."""
 
@@ -15,10 +16,10 @@ from typing import Any
 import grpc
 
 from ambient_grpc_auth._bearer import extract_bearer
-from ambient_grpc_auth._clock import Clock
 from ambient_grpc_auth.client.tokens import Token
 from ambient_grpc_auth.errors import TokenRejectedError, TokenUnavailableError
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.testing import Clock, FakeTokenSource
 
 # Fast channel reconnects so restart tests do not wait for gRPC's 1 s+ backoff.
 FAST_RECONNECT = (
@@ -35,64 +36,15 @@ WATCH = "/ambient.v1.SessionService/WatchSessionMessages"
 PUSH = "/ambient.v1.SessionService/PushSessionMessage"
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(interval)
-
-
-async def async_wait_until(
-    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)
-
-
 # --- token sources --------------------------------------------------------------
 
 
-class CountingSource:
-    """A refreshable fake: mints ``tok-1``, ``tok-2``... and caches the current
-    one until it is invalidated. ``fail_next`` failures are raised first."""
+class CountingSource(FakeTokenSource):
+    """The public fake, minting ``tok-1``, ``tok-2``... (``prefix`` first, as
+    the tests pass it positionally)."""
 
     def __init__(self, prefix: str = "tok") -> None:
-        self.prefix = prefix
-        self.fetches = 0
-        self.invalidated: list[str] = []
-        self.fail_next = 0
-        self.fail_retryable = True
-        self._current: Token | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def current(self) -> Token | None:
-        return self._current
-
-    def get_token(self) -> Token:
-        with self._lock:
-            if self._current is None:
-                if self.fail_next:
-                    self.fail_next -= 1
-                    raise TokenUnavailableError(
-                        "control plane unreachable (test)", retryable=self.fail_retryable
-                    )
-                self.fetches += 1
-                self._current = Token(f"{self.prefix}-{self.fetches}", None)
-            return self._current
-
-    async def get_token_async(self) -> Token:
-        return self.get_token()
-
-    def invalidate(self, token: Token) -> None:
-        with self._lock:
-            self.invalidated.append(token.value)
-            if self._current is not None and self._current.value == token.value:
-                self._current = None
+        super().__init__(prefix=prefix)
 
 
 class MintingSource:
@@ -156,6 +108,43 @@ class FailingSource:
 
     async def get_token_async(self) -> Token:
         return self.get_token()
+
+
+class FakeSource:
+    """A scriptable TokenSource. ``results`` is consumed in order (Token or
+    exception); when empty, ``default`` is returned. ``gate`` (threading) and
+    ``async_gate`` (asyncio) block fetches until set. Counts calls."""
+
+    def __init__(self, *results: Token | BaseException, default: Token | None = None) -> None:
+        self.results = list(results)
+        self.default = default
+        self.calls = 0
+        self.gate: threading.Event | None = None
+        self.async_gate: asyncio.Event | None = None
+        self.entered = threading.Event()
+        self._lock = threading.Lock()
+
+    def _next(self) -> Token:
+        with self._lock:
+            self.calls += 1
+            item = self.results.pop(0) if self.results else self.default
+        if item is None:
+            raise TokenUnavailableError("fake source exhausted", retryable=True)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def get_token(self) -> Token:
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(30), "gate never opened"
+        return self._next()
+
+    async def get_token_async(self) -> Token:
+        self.entered.set()
+        if self.async_gate is not None:
+            await asyncio.wait_for(self.async_gate.wait(), 30)
+        return self._next()
 
 
 # --- server side ----------------------------------------------------------------
@@ -328,7 +317,28 @@ class EchoServer:
 
     def restart(self) -> None:
         """Start a new server on the same port (the old one must be stopped)."""
-        self.server = _bind_echo(self.port, self.auth, self.servicer, self.options)
+        self.server, _ = _bind_echo(self.port, self.auth, self.servicer, self.options)
+
+
+def _bind_again(
+    port: int, bind: Callable[[str], tuple[grpc.Server, int]]
+) -> tuple[grpc.Server, int]:
+    """``bind(address)`` (a started server and its port; RuntimeError when the
+    port is taken) on 127.0.0.1:``port`` (0: any free port), retried for up to
+    5 s while a just-stopped server may still hold the port."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            server, bound = bind(f"127.0.0.1:{port}")
+        except RuntimeError:
+            pass
+        else:
+            if port == 0 or bound == port:
+                return server, bound
+            server.stop(None)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"could not bind 127.0.0.1:{port} again")
+        time.sleep(0.05)
 
 
 def _bind_echo(
@@ -337,10 +347,8 @@ def _bind_echo(
     servicer: EchoServicer,
     options: tuple[tuple[str, Any], ...],
     credentials: grpc.ServerCredentials | None = None,
-) -> grpc.Server:
-    deadline = time.monotonic() + 5.0
-    address = f"127.0.0.1:{port}"
-    while True:
+) -> tuple[grpc.Server, int]:
+    def bind(address: str) -> tuple[grpc.Server, int]:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=16),
             interceptors=[BearerCheck(auth)],
@@ -354,14 +362,13 @@ def _bind_echo(
                 bound = server.add_secure_port(address, credentials)
         except RuntimeError:
             bound = 0
-        if bound and (port == 0 or bound == port):
-            server.start()
-            server._ambient_port = bound  # type: ignore[attr-defined]
-            return server
-        server.stop(None)
-        if time.monotonic() > deadline:
-            raise RuntimeError("could not bind the test port again")
-        time.sleep(0.05)
+        if not bound:
+            server.stop(None)
+            raise RuntimeError("port taken")
+        server.start()
+        return server, bound
+
+    return _bind_again(port, bind)
 
 
 def start_echo_server(
@@ -375,8 +382,8 @@ def start_echo_server(
     :class:`BearerCheck`. ``credentials`` makes it a secure port."""
     auth = auth or AuthState()
     servicer = EchoServicer()
-    server = _bind_echo(port, auth, servicer, options, credentials)
-    return EchoServer(server, server._ambient_port, auth, servicer, options)  # type: ignore[attr-defined]
+    server, bound = _bind_echo(port, auth, servicer, options, credentials)
+    return EchoServer(server, bound, auth, servicer, options)
 
 
 def reserve_port() -> int:
@@ -414,30 +421,19 @@ class SessionServer:
         self.server.stop(None).wait(5)
 
     def restart(self) -> None:
-        self.server = _serve_sessions(self.store, self.auth, self.port)
+        self.server, _ = _serve_sessions(self.store, self.auth, self.port)
 
     def close(self) -> None:
         self.stop()
         self.store.close()
 
 
-def _serve_sessions(store: Any, auth: AuthState, port: int) -> grpc.Server:
+def _serve_sessions(store: Any, auth: AuthState, port: int) -> tuple[grpc.Server, int]:
     from ambient_grpc_auth.reference.servicer import serve
 
-    deadline = time.monotonic() + 5.0
-    while True:
-        try:
-            server, bound = serve(store, f"127.0.0.1:{port}", interceptors=[BearerCheck(auth)])
-        except RuntimeError:
-            bound = 0
-        else:
-            if port == 0 or bound == port:
-                server._ambient_port = bound  # type: ignore[attr-defined]
-                return server
-            server.stop(None)
-        if time.monotonic() > deadline:
-            raise RuntimeError("could not bind the session server port again")
-        time.sleep(0.05)
+    return _bind_again(
+        port, lambda address: serve(store, address, interceptors=[BearerCheck(auth)])
+    )
 
 
 def start_session_server(db_path: str) -> SessionServer:
@@ -446,5 +442,5 @@ def start_session_server(db_path: str) -> SessionServer:
     store = SessionStore(db_path)
     session_id = store.create_session("client-tests").metadata.id
     auth = AuthState()
-    server = _serve_sessions(store, auth, 0)
-    return SessionServer(store, auth, server, server._ambient_port, session_id)  # type: ignore[attr-defined]
+    server, bound = _serve_sessions(store, auth, 0)
+    return SessionServer(store, auth, server, bound, session_id)

@@ -1,7 +1,8 @@
 """Helpers for the control-plane tests (keys, proofs, servers).
 
 RSA-4096 generation takes seconds, so the keys are generated once per test
-process (``functools.cache``) and copied into each test's own directory.
+process and size (``functools.cache``) and copied into each test's own
+directory.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ KEY_FILES = ("private.pem", "public.pem", "signing.pem")
 
 
 @functools.cache
-def master_keys_dir() -> Path:
-    """A directory with production-size keys (RSA-4096 encryption, RSA-2048 signing)."""
+def master_keys_dir(encryption_key_bits: int = 4096) -> Path:
+    """A directory with control-plane keys: RSA-``encryption_key_bits``
+    encryption (production size by default; tests about anything but the key
+    size may take 2048) and RSA-2048 signing."""
     root = Path(tempfile.mkdtemp(prefix="agauth-cp-"))
     atexit.register(shutil.rmtree, root, True)
-    ensure_keys(root / "keys")
+    ensure_keys(root / "keys", encryption_key_bits=encryption_key_bits)
     return root / "keys"
 
 
@@ -52,11 +55,11 @@ def other_rsa4096() -> rsa.RSAPublicKey:
     return rsa.RSAPublicNumbers(65537, n).public_key()
 
 
-def copy_keys(dest: Path) -> Path:
-    """Copy the master keys into ``dest`` (created 0700) and return it."""
+def copy_keys(dest: Path, *, encryption_key_bits: int = 4096) -> Path:
+    """Copy the master keys of that size into ``dest`` (created 0700) and return it."""
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name in KEY_FILES:
-        shutil.copy2(master_keys_dir() / name, dest / name)
+        shutil.copy2(master_keys_dir(encryption_key_bits) / name, dest / name)
     return dest
 
 

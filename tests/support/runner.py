@@ -1,10 +1,9 @@
 """Helpers for runner-side tests: a scripted HTTP server on 127.0.0.1:0 (in a
-thread, usable from sync and async tests alike), RSA keys, JWT helpers and
-fake token sources."""
+thread, usable from sync and async tests alike) and a JWT helper. The fake
+token sources are in :mod:`support.client`."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import json
@@ -13,22 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
+from ambient_grpc_auth.testing import FakeIssuer
+from support.keys import signing_key
 
-from ambient_grpc_auth.client.tokens import Token
-from ambient_grpc_auth.controlplane.keys import public_key_pem
-from ambient_grpc_auth.errors import TokenUnavailableError
 
-# An HMAC key for test JWTs; only the (unverified) exp claim matters here.
-_JWT_KEY = "k" * 32
+@functools.cache
+def _issuer() -> FakeIssuer:
+    return FakeIssuer("https://cp.test", key=signing_key(), kid="cp-1")
 
 
 def make_jwt(exp: float | None, **claims: object) -> str:
-    body: dict[str, object] = {"sub": "runner", **claims}
-    if exp is not None:
-        body["exp"] = int(exp)
-    return jwt.encode(body, _JWT_KEY, algorithm="HS256")
+    """A signed JWT for subject ``runner`` expiring at ``exp`` (None: no
+    ``exp`` claim); runners read only ``exp``, without verification."""
+    omit = ("exp",) if exp is None else ()
+    return _issuer().mint("runner", expires_at=exp, claims=claims, omit=omit)
 
 
 @dataclass
@@ -116,53 +113,5 @@ class ScriptedServer:
         self._thread.join(timeout=5)
 
 
-@functools.cache
-def shared_rsa_key() -> rsa.RSAPrivateKey:
-    """One RSA key per test process; 2048 bits keeps the suite fast (the proof
-    format does not depend on the size)."""
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def shared_public_pem() -> str:
-    return public_key_pem(shared_rsa_key().public_key()).decode("ascii")
-
-
 def b64_pem(pem: str) -> str:
     return base64.b64encode(pem.encode()).decode()
-
-
-class FakeSource:
-    """A scriptable TokenSource. ``results`` is consumed in order (Token or
-    exception); when empty, ``default`` is returned. ``gate`` (threading) and
-    ``async_gate`` (asyncio) block fetches until set. Counts calls."""
-
-    def __init__(self, *results: Token | BaseException, default: Token | None = None) -> None:
-        self.results = list(results)
-        self.default = default
-        self.calls = 0
-        self.gate: threading.Event | None = None
-        self.async_gate: asyncio.Event | None = None
-        self.entered = threading.Event()
-        self._lock = threading.Lock()
-
-    def _next(self) -> Token:
-        with self._lock:
-            self.calls += 1
-            item = self.results.pop(0) if self.results else self.default
-        if item is None:
-            raise TokenUnavailableError("fake source exhausted", retryable=True)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def get_token(self) -> Token:
-        self.entered.set()
-        if self.gate is not None:
-            assert self.gate.wait(30), "gate never opened"
-        return self._next()
-
-    async def get_token_async(self) -> Token:
-        self.entered.set()
-        if self.async_gate is not None:
-            await asyncio.wait_for(self.async_gate.wait(), 30)
-        return self._next()

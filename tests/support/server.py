@@ -1,4 +1,5 @@
-"""API-server test helpers: keys, tokens, servicers, sync/aio servers, a JWKS endpoint."""
+"""API-server test helpers: tokens (valid and forged), servicers, sync/aio servers,
+a JWKS endpoint. Keys: :mod:`support.keys`."""
 
 from __future__ import annotations
 
@@ -6,27 +7,29 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import hmac
 import http.server
 import json
 import threading
-import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 import grpc.aio
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from grpc_health.v1 import health, health_pb2_grpc
 
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from ambient_grpc_auth.server.aio.interceptor import (
+    ServerAuthInterceptor as AioServerAuthInterceptor,
+)
+from ambient_grpc_auth.server.config import ServerAuthConfig
+from ambient_grpc_auth.server.interceptor import ServerAuthInterceptor
+from ambient_grpc_auth.testing import FakeIssuer
+from support.keys import public_pem, signing_key
 
 IDP_ISSUER = "https://idp.test"
 CP_ISSUER = "https://cp.test"
@@ -41,36 +44,7 @@ ECHO_METHODS = ("Echo", "StreamEcho", "CollectEcho", "ChatEcho")
 OWNERS: dict[str, str | None] = {"s-alice": "alice", "s-bob": "bob", "s-ownerless": None}
 
 
-# --- keys and tokens ---------------------------------------------------------
-
-
-@functools.cache
-def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@functools.cache
-def other_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@functools.cache
-def ec_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def jwk_of(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str | None) -> dict[str, Any]:
-    family: Any = jwt.algorithms.RSAAlgorithm if isinstance(key, rsa.RSAPrivateKey) else None
-    doc = json.loads((family or jwt.algorithms.ECAlgorithm).to_jwk(key.public_key()))
-    if kid is not None:
-        doc["kid"] = kid
-    return dict(doc)
+# --- tokens --------------------------------------------------------------------
 
 
 def mint(
@@ -86,13 +60,10 @@ def mint(
     omit: tuple[str, ...] = (),
     **claims: Any,
 ) -> str:
-    """An RS256 JWT shaped like the ones the control plane and IdPs issue."""
-    payload = dict(iss=iss, aud=aud, sub=sub, iat=int(now), nbf=int(now), exp=int(now + ttl))
-    payload.update(jti=uuid.uuid4().hex, **claims)
-    for name in (*omit, *(("sub",) if sub is None else ())):
-        payload.pop(name, None)
-    headers = {"kid": kid} if kid is not None else {}
-    return jwt.encode(payload, key or signing_key(), algorithm=alg, headers=headers)
+    """A JWT shaped like the ones the control plane and IdPs issue, signed
+    with ``key`` (default: the trusted :func:`signing_key`)."""
+    issuer = FakeIssuer(iss, audience=AUDIENCE, key=key or signing_key(), kid=kid, algorithm=alg)
+    return issuer.mint(sub, now=now, ttl=ttl, audience=aud, claims=claims, omit=omit)
 
 
 def runner_token(now: float, session_id: str | None, *, iss: str = CP_ISSUER, **kw: Any) -> str:
@@ -338,6 +309,31 @@ def run_aio_server_in_thread(
         assert not thread.is_alive()
 
     return RunningServer(port, stop)
+
+
+#: Server kinds for :func:`start_echo`: a sync server; a grpc.aio server with
+#: coroutine handlers, with reader/writer streaming handlers, or with the sync
+#: servicer (grpc.aio runs sync handlers in its executor).
+ECHO_SERVERS: dict[str, tuple[bool, type[_Recording]]] = {
+    "sync": (False, SyncEcho),
+    "aio": (True, AsyncEcho),
+    "aio-rw": (True, AsyncEchoReaderWriter),
+    "aio-sync": (True, SyncEcho),
+}
+
+
+def start_echo(kind: str, config: ServerAuthConfig, recorder: Recorder) -> RunningServer:
+    """The EchoService behind the real server interceptor (sync or aio, per
+    ``kind``, a key of :data:`ECHO_SERVERS`), recording into ``recorder``."""
+    is_aio, servicer_type = ECHO_SERVERS[kind]
+    servicer = servicer_type(recorder)
+
+    def register(server: Any) -> None:
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, server)
+
+    if is_aio:
+        return start_aio_server_in_thread([AioServerAuthInterceptor(config=config)], register)
+    return start_sync_server([ServerAuthInterceptor(config=config)], register)
 
 
 # --- a local JWKS endpoint ---------------------------------------------------
