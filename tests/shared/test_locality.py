@@ -7,7 +7,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from support.runner import shared_public_pem
+from support import keys
 
 from ambient_grpc_auth._locality import (
     Locality,
@@ -181,7 +181,7 @@ def test_every_component_applies_the_same_policy(
     secret; TLS (https) is allowed to any host, except for the backend
     credential fetch, which never leaves the cluster."""
     local = locality is not L.REMOTE
-    pem = shared_public_pem()
+    pem = keys.public_pem(keys.signing_key()).decode("ascii")
     secret_file = tmp_path / "secret"
 
     def target(tls: bool) -> object:
@@ -226,7 +226,10 @@ def test_every_component_applies_the_same_policy(
 def test_explicit_flags_allow_plaintext_to_remote_hosts(tmp_path: Path) -> None:
     check_target("api.example.com:80", tls=False, allow_insecure_remote=True)
     ControlPlaneTokenSource(
-        "http://cp.example.com/token", shared_public_pem(), SESSION, allow_insecure_remote=True
+        "http://cp.example.com/token",
+        keys.public_pem(keys.signing_key()).decode("ascii"),
+        SESSION,
+        allow_insecure_remote=True,
     )
     OidcClientCredentialsIssuer(
         OidcSettings(
