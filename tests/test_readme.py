@@ -1,11 +1,16 @@
-"""The README's code samples run as written, against real servers on loopback."""
+"""The README's code samples run as written, against real servers on loopback;
+they import only public modules, and every module path the README and
+docs/*.md name exists."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import importlib
 import io
 import re
+import textwrap
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -29,12 +34,69 @@ from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.jwks import JwksCache
 from ambient_grpc_auth.testing import FakeClock, FakeTokenSource
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 SERVICE_TOKEN = "readme-service-token-0123456789"  # noqa: S105 (test value)
 
 
 def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+
+
+def _is_private(component: str) -> bool:
+    return component.startswith("_") and not (
+        component.startswith("__") and component.endswith("__")
+    )
+
+
+def private_imports(source: str) -> list[str]:
+    """The dotted paths imported by ``source`` (a module path, or a module
+    path plus an imported name) that have a component starting with ``_``;
+    ``__future__`` and other dunder names do not count."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            paths = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            sep = "" if module.endswith(".") else "."
+            paths = [f"{module}{sep}{alias.name}" for alias in node.names]
+        else:
+            continue
+        found += [p for p in paths if any(_is_private(c) for c in p.split(".") if c)]
+    return found
+
+
+def _inline_code(text: str) -> list[str]:
+    """The inline code spans of a Markdown text, fenced blocks left out."""
+    prose = re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.S | re.M)
+    return re.findall(r"`([^`\n]+)`", prose)
+
+
+def module_paths(text: str) -> set[str]:
+    """Every ``ambient_grpc_auth.<...>`` dotted path named in inline code."""
+    paths: set[str] = set()
+    for span in _inline_code(text):
+        paths.update(re.findall(r"\bambient_grpc_auth(?:\.[A-Za-z_]\w*)+", span))
+    return paths
+
+
+def resolves(path: str) -> bool:
+    """Whether ``path`` is an importable module, or an attribute (chain) of
+    the longest importable module it starts with."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target: object = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(target, name):
+                return False
+            target = getattr(target, name)
+        return True
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +162,69 @@ def runner_env(
 
 def test_readme_has_the_samples() -> None:
     assert len(_python_blocks()) == 4
+
+
+def test_readme_samples_import_no_private_module() -> None:
+    for block in _python_blocks():
+        assert private_imports(block) == [], block
+
+
+def test_private_import_check_sees_every_form() -> None:
+    source = (
+        "from __future__ import annotations\n"
+        "import ambient_grpc_auth._bearer\n"
+        "import os, ambient_grpc_auth.client._core as core\n"
+        "from ambient_grpc_auth.client._refresh import decide\n"
+        "from ambient_grpc_auth.principal import _current\n"
+        "from ambient_grpc_auth import __version__, push\n"
+        "from . import _sibling\n"
+    )
+    assert private_imports(source) == [
+        "ambient_grpc_auth._bearer",
+        "ambient_grpc_auth.client._core",
+        "ambient_grpc_auth.client._refresh.decide",
+        "ambient_grpc_auth.principal._current",
+        "._sibling",
+    ]
+
+
+@pytest.mark.parametrize("doc", [README, *DOCS], ids=lambda p: p.name)
+def test_module_paths_named_in_docs_exist(doc: Path) -> None:
+    named = module_paths(doc.read_text(encoding="utf-8"))
+    assert not {p for p in named if not resolves(p)}, f"{doc.name} names missing modules"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_docs_python_samples_import_public_modules_that_exist(doc: Path) -> None:
+    text = doc.read_text(encoding="utf-8")
+    blocks = re.findall(r"^([ \t]*)```python\n(.*?)^\1```", text, re.S | re.M)
+    for _, block in blocks:
+        source = textwrap.dedent(block)
+        assert private_imports(source) == [], source
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    assert resolves(f"{node.module}.{alias.name}"), source
+
+
+def test_module_path_check_tells_real_from_stale() -> None:
+    text = (
+        "`ambient_grpc_auth.aio.ServerAuthInterceptor.from_env(**kw)` and "
+        "`ambient_grpc_auth.client.caching.REFRESH_AHEAD_SECONDS`, not "
+        "`ambient_grpc_auth.cpsource` or `ambient_grpc_auth.server.AuthInterceptor`\n"
+        "```\nambient_grpc_auth.in_a_fenced_block\n```\n"
+    )
+    named = module_paths(text)
+    assert named == {
+        "ambient_grpc_auth.aio.ServerAuthInterceptor.from_env",
+        "ambient_grpc_auth.client.caching.REFRESH_AHEAD_SECONDS",
+        "ambient_grpc_auth.cpsource",
+        "ambient_grpc_auth.server.AuthInterceptor",
+    }
+    assert {p for p in named if not resolves(p)} == {
+        "ambient_grpc_auth.cpsource",
+        "ambient_grpc_auth.server.AuthInterceptor",
+    }
 
 
 def test_sync_runner_sample(runner_env: str) -> None:
