@@ -1,6 +1,6 @@
 """CPU per call of the authentication hot paths, in isolation (no sockets).
 
-    python bench/hotpath.py [--iterations N]
+    python -m bench.hotpath [--iterations N]
 
 Prints microseconds per call (the fastest of 5 loops, as ``timeit`` advises)
 for:

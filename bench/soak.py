@@ -16,7 +16,7 @@
   has its own session (created up front by the service caller), its own
   :class:`~ambient_grpc_auth.client.control_plane.ControlPlaneTokenSource` wrapped in a
   :class:`~ambient_grpc_auth.client.caching.CachingTokenSource`, its own
-  authenticated channel (:func:`ambient_grpc_auth.client.aio.interceptor.create_channel`),
+  authenticated channel (:func:`ambient_grpc_auth.client.aio.channel.create_channel`),
   a watcher (:func:`ambient_grpc_auth.client.aio.sessions.watch`) and a pusher
   (:func:`ambient_grpc_auth.client.aio.sessions.push`) at ``--rate`` messages per
   second, for ``--duration`` seconds.

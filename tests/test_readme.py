@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
-import importlib
 import io
 import re
 import textwrap
@@ -19,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from support.cp import copy_keys
+from support.names import resolves
 from support.waiting import LoopThread
 
 from ambient_grpc_auth.client.channel import create_channel
@@ -80,23 +80,6 @@ def module_paths(text: str) -> set[str]:
     for span in _inline_code(text):
         paths.update(re.findall(r"\bambient_grpc_auth(?:\.[A-Za-z_]\w*)+", span))
     return paths
-
-
-def resolves(path: str) -> bool:
-    """Whether ``path`` is an importable module, or an attribute (chain) of
-    the longest importable module it starts with."""
-    parts = path.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            target: object = importlib.import_module(".".join(parts[:cut]))
-        except ModuleNotFoundError:
-            continue
-        for name in parts[cut:]:
-            if not hasattr(target, name):
-                return False
-            target = getattr(target, name)
-        return True
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ One factory, :func:`create_channel`, returns an :class:`AuthenticatedChannel`
 (a ``grpc.Channel``) whose every call carries the runner's bearer token
 (:class:`~ambient_grpc_auth.client.interceptor.AuthInterceptor`) and which watches its own
 connectivity so that a reconnect makes the next call fetch a fresh token.
-The grpc.aio twin is :func:`ambient_grpc_auth.client.aio.interceptor.create_channel`;
+The grpc.aio twin is :func:`ambient_grpc_auth.client.aio.channel.create_channel`;
 both share :class:`ChannelConfig` and the plaintext policy here.
 
 Plaintext policy: without TLS a bearer token can be read by anyone on the
@@ -248,7 +248,7 @@ def create_channel_from_env(
     """The runner's channel from the environment contract (module docs).
 
     ``token_source`` defaults to
-    :func:`~ambient_grpc_auth.client.tokens.token_source_from_env` over the same
+    :func:`~ambient_grpc_auth.client.env.token_source_from_env` over the same
     ``environ``. Raises :class:`ConfigurationError` for invalid settings.
     """
     config = ChannelConfig.from_env(environ, allow_insecure_remote=allow_insecure_remote)

@@ -321,7 +321,7 @@ class AuthInterceptor(
     """Adds the bearer token to calls of all four RPC shapes (sync ``grpc``).
 
     ``token_source`` should be a caching source (e.g. the one
-    :func:`~ambient_grpc_auth.client.tokens.token_source_from_env` returns): the
+    :func:`~ambient_grpc_auth.client.env.token_source_from_env` returns): the
     interceptor calls ``get_token()`` on every call and, if the source has
     ``invalidate(token)``, reports tokens the server rejected and tokens in
     use when the channel reconnected. With ``retry_unauthenticated=False``

@@ -1,0 +1,1 @@
+"""``grpc.aio`` twins of the runner-side modules, under the same names."""

@@ -202,7 +202,7 @@ def create_channel_from_env(
 ) -> AuthenticatedChannel:
     """The runner's grpc.aio channel from the environment contract (see
     :class:`ambient_grpc_auth.client.channel.ChannelConfig`). ``token_source``
-    defaults to :func:`~ambient_grpc_auth.client.tokens.token_source_from_env`."""
+    defaults to :func:`~ambient_grpc_auth.client.env.token_source_from_env`."""
     config = ChannelConfig.from_env(environ, allow_insecure_remote=allow_insecure_remote)
     if token_source is None:
         token_source = token_source_from_env(environ)

@@ -1,0 +1,1 @@
+"""The ``grpc.aio`` reference servicer (same name as the sync module)."""

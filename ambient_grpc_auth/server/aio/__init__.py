@@ -1,0 +1,1 @@
+"""The ``grpc.aio`` server interceptor (same name as the sync one)."""
