@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from support.client import CountingSource, EchoServer, start_echo_server
+from support.tls import self_signed
 
 from ambient_grpc_auth import aio as aio_client
 from ambient_grpc_auth.client.channel import create_channel, create_channel_from_env
@@ -290,38 +285,9 @@ async def test_aio_from_env_channel_end_to_end() -> None:
 # --- TLS ------------------------------------------------------------------------------------------
 
 
-def _self_signed() -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture(scope="module")
 def tls_material() -> tuple[bytes, bytes]:
-    return _self_signed()
+    return self_signed()
 
 
 @pytest.fixture
@@ -355,7 +321,7 @@ def test_tls_channel_with_a_ca_file_from_env(
 
 
 def test_tls_verifies_the_server(tls_server: EchoServer) -> None:
-    _, other_ca = _self_signed()
+    _, other_ca = self_signed()
     channel = create_channel(
         f"localhost:{tls_server.port}", CountingSource(), tls=True, root_certificates=other_ca
     )

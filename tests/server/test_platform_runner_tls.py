@@ -7,8 +7,6 @@ are still refused."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -17,10 +15,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from support.tls import self_signed
 
 from ambient_grpc_auth import ServerAuthConfig, ServerAuthInterceptor, current_principal
 from ambient_grpc_auth import aio as auth_aio
@@ -31,36 +26,9 @@ from ambient_grpc_auth.server.config import API_TOKEN_ENV
 TOKEN = "platform-runner-service-token-0123456789"  # noqa: S105 (a test value)
 
 
-def _self_signed() -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture(scope="module")
 def tls() -> tuple[bytes, bytes]:
-    return _self_signed()
+    return self_signed()
 
 
 def _config() -> ServerAuthConfig:
