@@ -59,7 +59,7 @@ DEFAULT_POD_AUDIENCE = "ambient-control-plane"
 #: Which service account runs which session (``{namespace}``, ``{session_id}``).
 DEFAULT_SUBJECT_TEMPLATE = "system:serviceaccount:{namespace}:session-{session_id}-sa"
 #: Longest service-account token accepted (Kubernetes' are 1-2 KB).
-MAX_POD_TOKEN_CHARS = 8192
+MAX_POD_TOKEN_CHARS = 4096
 _SA_PREFIX = "system:serviceaccount:"
 _FIELDS = frozenset({"namespace", "session_id"})
 
