@@ -150,10 +150,12 @@ class ControlPlaneTokenSource:
 
     Every call performs a fetch: wrap the source in a
     :class:`~ambient_grpc_auth.client.caching.CachingTokenSource`. Environment
-    proxies are ignored. Thread-safe (no shared mutable state besides the
-    random generator). Raises :class:`ConfigurationError` at construction for
-    a bad URL (or plain http to a remote host), key or session id, and
-    :class:`TokenUnavailableError` from ``get_token``/``get_token_async``.
+    proxies are ignored. Thread-safe: besides the random generator, the only
+    shared state is what the control plane advertised and :attr:`last_version`,
+    each replaced whole (concurrent first fetches may each ask). Raises
+    :class:`ConfigurationError` at construction for a bad URL (or plain http
+    to a remote host), key or session id, and :class:`TokenUnavailableError`
+    from ``get_token``/``get_token_async``.
     """
 
     def __init__(
