@@ -36,7 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -62,10 +62,16 @@ _MAX_URL_CHARS = 2048
 
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
-    """A complete, size-bounded response."""
+    """A complete, size-bounded response. ``headers`` has lower-case names
+    (the last value of a repeated header wins)."""
 
     status: int
     body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+def _lower_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {name.lower(): value for name, value in items}
 
 
 class TransportError(Exception):
@@ -320,9 +326,15 @@ def request_sync(
             response = opener.open(request, timeout=time_limit)
         except urllib.error.HTTPError as exc:
             with exc:
-                return HttpResponse(exc.code, _read_sync(exc, limit))
+                return HttpResponse(
+                    exc.code, _read_sync(exc, limit), _lower_headers(exc.headers.items())
+                )
         with response:
-            return HttpResponse(response.status, _read_sync(response, limit))
+            return HttpResponse(
+                response.status,
+                _read_sync(response, limit),
+                _lower_headers(response.headers.items()),
+            )
     except TransportError:
         raise
     except urllib.error.URLError as exc:
@@ -369,7 +381,9 @@ async def request_async(
             limit.declared(response.content_length)
             while limit.add(await response.content.read(limit.next_read_size())):
                 pass
-            return HttpResponse(response.status, limit.content())
+            return HttpResponse(
+                response.status, limit.content(), _lower_headers(response.headers.items())
+            )
     except TransportError:
         raise
     except TimeoutError:

@@ -28,12 +28,22 @@ from ambient_grpc_auth.client.sessions import push, watch
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.keys import KeyPaths, ensure_keys, k8s_secret_manifest
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcSettings
+from ambient_grpc_auth.controlplane.podproof import (
+    DEFAULT_POD_AUDIENCE,
+    DEFAULT_SUBJECT_TEMPLATE,
+    PodProofSettings,
+)
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, run_token_server
 from ambient_grpc_auth.errors import AmbientAuthError
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.serve import run_session_server
 from ambient_grpc_auth.reference.store import SessionStore
-from ambient_grpc_auth.server.authn import TrustedIssuer
+from ambient_grpc_auth.server.authn import (
+    K8S_CA_FILE,
+    K8S_DEFAULT_JWKS_URL,
+    K8S_TOKEN_FILE,
+    TrustedIssuer,
+)
 from ambient_grpc_auth.server.config import API_TOKEN_ENV, SERVICE_ACCOUNT_ENV, ServerAuthConfig
 from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet
 
@@ -144,6 +154,8 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
         require_fresh_proof=args.require_fresh_proof,
         session_id_pattern=args.session_pattern,
         oidc=oidc,
+        pod_proof=_pod_proof_settings(args),
+        require_pod_proof=args.require_pod_proof,
     )
 
     def ready(server: RunningTokenServer) -> None:
@@ -151,6 +163,34 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
 
     run_token_server(config, host, port, ready=ready)
     return 0
+
+
+def _pod_proof_settings(args: argparse.Namespace) -> PodProofSettings | None:
+    if not args.pod_proof_issuer:
+        if args.require_pod_proof or args.pod_proof_jwks or args.pod_proof_namespace:
+            _fail("the pod-bound proof options need --pod-proof-issuer")
+        return None
+    source = args.pod_proof_jwks or K8S_DEFAULT_JWKS_URL
+    keys: KeySource
+    if source.startswith("https://"):
+        # In a pod: the API server's JWKS, trusted by the pod's CA, read with its token.
+        keys = JwksCache(
+            source,
+            ca_file=K8S_CA_FILE if os.path.isfile(K8S_CA_FILE) else None,
+            bearer_token_file=K8S_TOKEN_FILE if os.path.isfile(K8S_TOKEN_FILE) else None,
+        )
+    else:
+        keys = _key_source(source)
+    return PodProofSettings(
+        issuer=TrustedIssuer(
+            issuer=args.pod_proof_issuer,
+            audiences=(args.pod_proof_audience,),
+            keys=keys,
+            algorithms=("RS256",),
+        ),
+        subject_template=args.pod_proof_subject,
+        namespaces=tuple(args.pod_proof_namespace) if args.pod_proof_namespace else None,
+    )
 
 
 # --------------------------------------------------------------------------- session server
@@ -393,6 +433,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--oidc-token-url")
     p.add_argument("--oidc-client-id")
     p.add_argument("--oidc-client-secret-file")
+    p.add_argument("--pod-proof-issuer", help="cluster service-account issuer: accept pod proofs")
+    p.add_argument("--pod-proof-jwks", help="its keys: JWKS URL or file (default: the API server)")
+    p.add_argument("--pod-proof-audience", default=DEFAULT_POD_AUDIENCE)
+    p.add_argument("--pod-proof-subject", default=DEFAULT_SUBJECT_TEMPLATE, metavar="TEMPLATE")
+    p.add_argument("--pod-proof-namespace", action="append", metavar="NS", help="(repeatable)")
+    p.add_argument("--require-pod-proof", action="store_true", help="refuse v1/v2 alone")
     p.set_defaults(func=_cmd_token_server)
 
     p = sub.add_parser("session-server", help="run the reference SessionService with auth")

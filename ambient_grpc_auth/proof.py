@@ -13,6 +13,22 @@ Security caveat: the public key is public, so anyone who knows a valid session
 id can build a v1 proof for it; v1 is only as strong as session ids are hard to
 guess. v2 additionally stops a captured proof from being replayed later.
 
+A third form binds the runner to its pod: ``pod`` is a v2 proof in
+``Authorization`` plus the runner's projected Kubernetes service-account token
+(audience: the control plane) in the :data:`POD_TOKEN_HEADER` header. The
+service-account token is a JWT of 1-2 KB, far beyond one OAEP block (446
+bytes for RSA-4096), so it travels beside the proof, not inside it. The
+control plane verifies it against the cluster issuer's keys and issues a
+token only for the session that service account is bound to
+(:mod:`ambient_grpc_auth.controlplane.podproof`).
+
+Negotiation: a control plane that understands more than v1 advertises the
+versions it accepts (:data:`PROOF_VERSIONS_HEADER` on every response, and
+:data:`PROOF_VERSIONS_FIELD` in its discovery document); a runner sends v2 or
+``pod`` only to a control plane that advertises it, v1 otherwise (the
+platform's control plane has no v2 parser and would take the whole JSON
+document for the session id).
+
 Runner side: :func:`encrypt_v1`, :func:`encrypt_v2`. Control-plane side:
 :func:`decode_proof`, :class:`SessionIdRule` (replay protection is the
 control plane's own: :mod:`ambient_grpc_auth.controlplane.replay`). All
@@ -37,13 +53,28 @@ from ambient_grpc_auth.errors import ConfigurationError, ProofError
 
 __all__ = [
     "NONCE_BYTES",
+    "POD_TOKEN_HEADER",
+    "PROOF_VERSIONS",
+    "PROOF_VERSIONS_FIELD",
+    "PROOF_VERSIONS_HEADER",
     "DecodedProof",
     "SessionIdRule",
     "decode_proof",
     "encrypt_v1",
     "encrypt_v2",
+    "format_proof_versions",
     "max_plaintext_bytes",
+    "parse_proof_versions",
 ]
+
+#: The request header carrying the runner's service-account token (``pod`` proofs).
+POD_TOKEN_HEADER = "X-Ambient-Pod-Token"  # noqa: S105 (a header name)
+#: The response header listing the proof versions a control plane accepts.
+PROOF_VERSIONS_HEADER = "X-Ambient-Proof-Versions"
+#: The discovery-document member listing them.
+PROOF_VERSIONS_FIELD = "ambient_proof_versions_supported"
+#: Every proof version, weakest first.
+PROOF_VERSIONS: tuple[str, ...] = ("v1", "v2", "pod")
 
 NONCE_BYTES = 16
 _NONCE_B64_LEN = 22  # base64url of 16 bytes, unpadded
@@ -53,6 +84,28 @@ _V2_KEYS = frozenset({"v", "sid", "ts", "nonce"})
 _MAX_TS = 2**40
 # SHA-256 digest size: OAEP overhead is 2 * hLen + 2 bytes.
 _HASH_LEN = 32
+
+
+def format_proof_versions(versions: frozenset[str] | set[str] | tuple[str, ...]) -> str:
+    """``"v1,v2,pod"``: the known versions of ``versions``, weakest first."""
+    return ",".join(v for v in PROOF_VERSIONS if v in versions)
+
+
+def parse_proof_versions(advertised: object) -> frozenset[str]:
+    """The known proof versions in an advertisement: a comma-separated header
+    value or a JSON list of strings. Unknown entries and anything malformed
+    are ignored (an empty set means "nothing advertised": use v1)."""
+    if isinstance(advertised, str):
+        items: list[object] = list(advertised.split(",")[:16])
+    elif isinstance(advertised, list):
+        items = advertised[:16]
+    else:
+        return frozenset()
+    return frozenset(
+        i.strip().lower()
+        for i in items
+        if isinstance(i, str) and i.strip().lower() in PROOF_VERSIONS
+    )
 
 
 def _oaep() -> padding.OAEP:

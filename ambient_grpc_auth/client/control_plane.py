@@ -19,6 +19,22 @@ Failure handling, shared by the sync and async paths:
   something that is not a token endpoint, which waiting will not fix;
 - an oversized response (more than ``max_response_bytes``) likewise.
 
+Which proof: ``proof="auto"`` (the default) asks the control plane once which
+proof versions it accepts (``GET`` of the discovery document next to the
+token URL, ``.well-known/openid-configuration``; the
+``X-Ambient-Proof-Versions`` header of any response, or the
+``ambient_proof_versions_supported`` member of the document) and then uses
+the strongest one it can produce: ``pod`` when advertised and the projected
+service-account token file exists, else ``v2`` when advertised, else ``v1``
+(a control plane that advertises nothing, like the platform's own, gets v1:
+it has no v2 parser). Every ``/token`` response refreshes what is known; a
+response without the header after an advertisement (the control plane was
+replaced) makes the next fetch ask again, and a 401 that advertises
+something else is retried at once with the fitting version. ``"v1"``,
+``"v2"`` and ``"pod"`` skip the negotiation. A ``pod`` proof is a v2 proof plus
+the service-account token in the ``X-Ambient-Pod-Token`` header, re-read
+from its file for every request (the kubelet rotates it).
+
 Where the proof may go: ``https`` to any host; plain ``http`` only to
 loopback and cluster-local hosts (the policy of
 :mod:`ambient_grpc_auth._locality`, the same as for gRPC targets), unless
@@ -38,11 +54,12 @@ import json
 import logging
 import math
 import os
+import posixpath
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -62,11 +79,21 @@ from ambient_grpc_auth._version import __version__
 from ambient_grpc_auth.client.tokens import Token, jwt_expiry
 from ambient_grpc_auth.controlplane.keys import load_public_key
 from ambient_grpc_auth.errors import ConfigurationError, KeyFileError, TokenUnavailableError
-from ambient_grpc_auth.proof import encrypt_v1, encrypt_v2
+from ambient_grpc_auth.proof import (
+    POD_TOKEN_HEADER,
+    PROOF_VERSIONS_FIELD,
+    PROOF_VERSIONS_HEADER,
+    encrypt_v1,
+    encrypt_v2,
+    parse_proof_versions,
+)
 
 __all__ = [
+    "CP_PROOF_VERSION_ENV",
     "CP_PUBLIC_KEY_ENV",
+    "CP_SA_TOKEN_FILE_ENV",
     "CP_TOKEN_URL_ENV",
+    "DEFAULT_CP_SA_TOKEN_FILE",
     "DEFAULT_MAX_RESPONSE_BYTES",
     "SESSION_ID_ENV",
     "ControlPlaneTokenSource",
@@ -78,11 +105,23 @@ _log = logging.getLogger(__name__)
 CP_TOKEN_URL_ENV = "AMBIENT_CP_TOKEN_URL"  # noqa: S105 (a variable name)
 CP_PUBLIC_KEY_ENV = "AMBIENT_CP_TOKEN_PUBLIC_KEY"
 SESSION_ID_ENV = "SESSION_ID"
+CP_PROOF_VERSION_ENV = "AMBIENT_CP_PROOF_VERSION"
+CP_SA_TOKEN_FILE_ENV = "AMBIENT_CP_SA_TOKEN_FILE"  # noqa: S105 (a variable name)
+#: Where the runner's projected service-account token (audience: the control
+#: plane) is mounted by default.
+DEFAULT_CP_SA_TOKEN_FILE = "/var/run/secrets/tokens/ambient-cp-token"  # noqa: S105 (a path)
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 _MAX_TOKEN_CHARS = 16 * 1024
 _RETRY_STATUSES = frozenset({408, 429})
+# Discovery is one small request; it must not eat the token request's budget.
+_DISCOVERY_TIMEOUT = 5.0
+_DISCOVERY_MAX_BYTES = 64 * 1024
+_MAX_SA_TOKEN_BYTES = 16 * 1024
+_HEADER_KEY = PROOF_VERSIONS_HEADER.lower()
 
-ProofVersion = Literal["v1", "v2"]
+ProofVersion = Literal["auto", "v1", "v2", "pod"]
+_PROOF_CHOICES_TYPED: tuple[ProofVersion, ...] = get_args(ProofVersion)
+_PROOF_CHOICES: tuple[str, ...] = _PROOF_CHOICES_TYPED
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +129,7 @@ class _Failure:
     message: str
     retryable: bool  # may a later attempt succeed?
     status: int | None = None
+    at_once: bool = False  # retry without waiting (the control plane changed)
 
 
 class ControlPlaneTokenSource:
@@ -97,8 +137,10 @@ class ControlPlaneTokenSource:
 
     ``public_key`` is PEM text (or base64 of PEM, as passed through
     environment variables) or an ``RSAPublicKey``. ``proof`` selects the
-    proof format: ``"v2"`` (default; replay resistant) or ``"v1"`` (the
-    platform's original format, for control planes that only accept it).
+    proof format: ``"auto"`` (default: negotiated, see the module docs),
+    ``"v1"`` (the platform's original format), ``"v2"`` (replay resistant) or
+    ``"pod"`` (v2 plus the service-account token read from
+    ``sa_token_file``, which must exist then).
     ``timeout`` bounds each attempt; ``attempts`` counts all tries; the
     delay before retry *n* is drawn from [d/2, d] with
     ``d = min(backoff_cap, backoff_base * 2**(n-1))``. ``sleep`` and
@@ -108,10 +150,12 @@ class ControlPlaneTokenSource:
 
     Every call performs a fetch: wrap the source in a
     :class:`~ambient_grpc_auth.client.caching.CachingTokenSource`. Environment
-    proxies are ignored. Thread-safe (no shared mutable state besides the
-    random generator). Raises :class:`ConfigurationError` at construction for
-    a bad URL (or plain http to a remote host), key or session id, and
-    :class:`TokenUnavailableError` from ``get_token``/``get_token_async``.
+    proxies are ignored. Thread-safe: besides the random generator, the only
+    shared state is what the control plane advertised and :attr:`last_version`,
+    each replaced whole (concurrent first fetches may each ask). Raises
+    :class:`ConfigurationError` at construction for a bad URL (or plain http
+    to a remote host), key or session id, and :class:`TokenUnavailableError`
+    from ``get_token``/``get_token_async``.
     """
 
     def __init__(
@@ -120,7 +164,8 @@ class ControlPlaneTokenSource:
         public_key: str | bytes | rsa.RSAPublicKey,
         session_id: str,
         *,
-        proof: ProofVersion = "v2",
+        proof: ProofVersion = "auto",
+        sa_token_file: str | os.PathLike[str] = DEFAULT_CP_SA_TOKEN_FILE,
         timeout: float = 10.0,
         attempts: int = 3,
         backoff_base: float = 0.5,
@@ -149,8 +194,13 @@ class ControlPlaneTokenSource:
                 raise ConfigurationError(str(exc)) from None
         if not isinstance(public_key, rsa.RSAPublicKey):
             raise ConfigurationError("control-plane public key must be an RSA public key")
-        if proof not in ("v1", "v2"):
-            raise ConfigurationError('proof must be "v1" or "v2"')
+        if proof not in _PROOF_CHOICES:
+            raise ConfigurationError(f"proof must be one of {', '.join(_PROOF_CHOICES)}")
+        self.sa_token_file = os.fspath(sa_token_file)
+        if proof == "pod" and not os.path.isfile(self.sa_token_file):
+            raise ConfigurationError(
+                f"pod-bound proof: no service-account token file at {self.sa_token_file}"
+            )
         if not isinstance(session_id, str) or not session_id.strip():
             raise ConfigurationError("session id is empty")
         if not session_id.isprintable() or any(c.isspace() for c in session_id):
@@ -171,22 +221,35 @@ class ControlPlaneTokenSource:
         self._sleep = sleep
         self._async_sleep = async_sleep
         self._rng = rng or random.Random()
-        self._proof()  # fails now, not at the first fetch, if the id does not fit the key
+        # What the control plane advertised; None: not known (ask first).
+        self._advertised: frozenset[str] | None = None
+        #: The proof version of the last token request (None before the first).
+        self.last_version: str | None = None
+        discovery_path = posixpath.join(
+            posixpath.dirname(self._parts.path or "/"), ".well-known/openid-configuration"
+        )
+        self._discovery_url = f"{self._parts.scheme}://{self._parts.netloc}{discovery_path}"
+        self._seal("v2")  # fails now, not at the first fetch, if the id does not fit the key
 
     @classmethod
     def from_env(
         cls,
         environ: Mapping[str, str] | None = None,
         *,
-        proof: ProofVersion = "v2",
+        proof: ProofVersion | None = None,
         clock: Clock = SYSTEM_CLOCK,
         timeout: float = 10.0,
         attempts: int = 3,
         allow_insecure_remote: bool = False,
     ) -> ControlPlaneTokenSource:
         """Build from ``AMBIENT_CP_TOKEN_URL``, ``AMBIENT_CP_TOKEN_PUBLIC_KEY``
-        (PEM text) and ``SESSION_ID``; ConfigurationError names what is missing."""
+        (PEM text) and ``SESSION_ID``; ConfigurationError names what is missing.
+        ``AMBIENT_CP_PROOF_VERSION`` (``auto``, ``v1``, ``v2``, ``pod``;
+        default ``auto``) chooses the proof unless ``proof`` is given;
+        ``AMBIENT_CP_SA_TOKEN_FILE`` overrides :data:`DEFAULT_CP_SA_TOKEN_FILE`."""
         env = os.environ if environ is None else environ
+        mode = proof if proof is not None else _proof_from_env(env)
+        sa_token_file = env.get(CP_SA_TOKEN_FILE_ENV, "").strip() or DEFAULT_CP_SA_TOKEN_FILE
         url = env.get(CP_TOKEN_URL_ENV, "").strip()
         pem = env.get(CP_PUBLIC_KEY_ENV, "").strip()
         session_id = env.get(SESSION_ID_ENV, "").strip()
@@ -207,7 +270,8 @@ class ControlPlaneTokenSource:
             url,
             pem,
             session_id,
-            proof=proof,
+            proof=mode,
+            sa_token_file=sa_token_file,
             clock=clock,
             timeout=timeout,
             attempts=attempts,
@@ -217,31 +281,111 @@ class ControlPlaneTokenSource:
     def __repr__(self) -> str:
         return f"ControlPlaneTokenSource(endpoint={self.endpoint!r}, proof={self.proof!r})"
 
+    @property
+    def advertised(self) -> frozenset[str] | None:
+        """The proof versions the control plane advertised (empty: none;
+        None: not asked yet, or to be asked again)."""
+        return self._advertised
+
     # --- pure parts ---------------------------------------------------------
 
-    def _proof(self) -> str:
-        if self.proof == "v1":
+    def _needs_discovery(self) -> bool:
+        return self.proof == "auto" and self._advertised is None
+
+    def _choose(self) -> str:
+        if self.proof != "auto":
+            return self.proof
+        advertised = self._advertised or frozenset()
+        if "pod" in advertised and os.path.isfile(self.sa_token_file):
+            return "pod"
+        return "v2" if "v2" in advertised else "v1"
+
+    def _seal(self, version: str) -> str:
+        if version == "v1":
             return encrypt_v1(self._key, self._session_id)
         return encrypt_v2(self._key, self._session_id, now=self._clock.time())
 
-    def _headers(self, proof: str) -> dict[str, str]:
-        return {
-            "Authorization": "Bearer " + proof,
-            "Accept": "application/json",
-            "User-Agent": f"ambient-grpc-auth/{__version__}",
-        }
+    def _sa_token(self) -> str | _Failure:
+        try:
+            with open(self.sa_token_file, "rb") as fh:
+                raw = fh.read(_MAX_SA_TOKEN_BYTES + 1)
+        except OSError as exc:
+            # The kubelet swaps the file atomically; a failed read may pass.
+            return _Failure(f"cannot read the service-account token ({exc.strerror})", True)
+        value = raw.decode("ascii", "replace").strip()
+        if len(raw) > _MAX_SA_TOKEN_BYTES or not value or not value.isprintable() or " " in value:
+            return _Failure("the service-account token file holds no token", retryable=False)
+        return value
 
-    def _interpret(self, response: HttpResponse, proof: str) -> Token | _Failure:
+    def _request(self) -> tuple[str, dict[str, str]] | _Failure:
+        """The version to use and the request headers for it."""
+        version = self._choose()
+        headers = self._headers(self._seal(version))
+        if version == "pod":
+            sa_token = self._sa_token()
+            if isinstance(sa_token, _Failure):
+                return sa_token
+            headers[POD_TOKEN_HEADER] = sa_token
+        self.last_version = version
+        return version, headers
+
+    def _headers(self, proof: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": f"ambient-grpc-auth/{__version__}"}
+        if proof is not None:
+            headers["Authorization"] = "Bearer " + proof
+        return headers
+
+    def _learn_discovery(self, response: HttpResponse) -> _Failure | None:
+        if response.status >= 500 or response.status in _RETRY_STATUSES:
+            return _Failure(
+                f"discovery HTTP {response.status}", retryable=True, status=response.status
+            )
+        header = response.headers.get(_HEADER_KEY)
+        if header is not None:
+            self._advertised = parse_proof_versions(header)
+            return None
+        field: object = None
+        if response.status == 200:
+            try:
+                doc = json.loads(response.body)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                doc = None
+            if isinstance(doc, dict):
+                field = doc.get(PROOF_VERSIONS_FIELD)
+        # Anything else (404, not JSON, no member): nothing advertised, v1.
+        self._advertised = parse_proof_versions(field)
+        return None
+
+    def _interpret(
+        self, response: HttpResponse, headers: Mapping[str, str], version: str
+    ) -> Token | _Failure:
+        header = response.headers.get(_HEADER_KEY)
+        if self.proof == "auto":
+            if header is not None:
+                self._advertised = parse_proof_versions(header)
+            elif self._advertised:
+                self._advertised = None  # the control plane changed: ask again next time
         status = response.status
         if status == 200:
             return _parse_body(response.body)
-        detail = excerpt(response.body, secrets=(proof,))
+        secrets = tuple(v for k, v in headers.items() if k in ("Authorization", POD_TOKEN_HEADER))
+        detail = excerpt(response.body, secrets=secrets)
         message = f"HTTP {status}: {detail}"
         if status >= 500 or status in _RETRY_STATUSES:
             return _Failure(message, retryable=True, status=status)
         if 300 <= status < 400:
             message = f"HTTP {status} (redirects are not followed)"
-        return _Failure(message, retryable=False, status=status)
+        if status == 401 and self._advertised == frozenset({"pod"}) and version != "pod":
+            message += (
+                " (the control plane requires the pod-bound proof; no service-account"
+                f" token at {self.sa_token_file})"
+            )
+        changed = (
+            status == 401
+            and self.proof == "auto"
+            and (self._advertised is None or self._choose() != version)
+        )
+        return _Failure(message, retryable=changed, status=status, at_once=changed)
 
     def _delay(self, attempt: int) -> float:
         ceiling = min(self._backoff_cap, self._backoff_base * (2.0 ** min(attempt - 1, 32)))
@@ -266,21 +410,35 @@ class ControlPlaneTokenSource:
         attempt = 0
         while True:
             attempt += 1
-            proof = self._proof()
+            outcome: Token | _Failure
             try:
-                response = request_sync(
-                    self.url,
-                    self._headers(proof),
-                    time_limit=self.timeout,
-                    max_bytes=self._max_bytes,
-                )
-                outcome = self._interpret(response, proof)
+                early: _Failure | None = None
+                if self._needs_discovery():
+                    early = self._learn_discovery(
+                        request_sync(
+                            self._discovery_url,
+                            self._headers(None),
+                            time_limit=min(self.timeout, _DISCOVERY_TIMEOUT),
+                            max_bytes=_DISCOVERY_MAX_BYTES,
+                        )
+                    )
+                planned = early if early is not None else self._request()
+                if isinstance(planned, _Failure):
+                    outcome = planned
+                else:
+                    version, headers = planned
+                    response = request_sync(
+                        self.url, headers, time_limit=self.timeout, max_bytes=self._max_bytes
+                    )
+                    outcome = self._interpret(response, headers, version)
             except TransportError as exc:
                 outcome = self._transport_failure(exc)
             if isinstance(outcome, Token):
                 return outcome
             if not outcome.retryable or attempt >= self.attempts:
                 raise self._error(outcome, attempt)
+            if outcome.at_once:
+                continue
             delay = self._delay(attempt)
             _log.info(
                 "control-plane token request failed (%s); retrying in %.2fs",
@@ -294,21 +452,35 @@ class ControlPlaneTokenSource:
         attempt = 0
         while True:
             attempt += 1
-            proof = self._proof()
+            outcome: Token | _Failure
             try:
-                response = await request_async(
-                    self.url,
-                    self._headers(proof),
-                    time_limit=self.timeout,
-                    max_bytes=self._max_bytes,
-                )
-                outcome = self._interpret(response, proof)
+                early: _Failure | None = None
+                if self._needs_discovery():
+                    early = self._learn_discovery(
+                        await request_async(
+                            self._discovery_url,
+                            self._headers(None),
+                            time_limit=min(self.timeout, _DISCOVERY_TIMEOUT),
+                            max_bytes=_DISCOVERY_MAX_BYTES,
+                        )
+                    )
+                planned = early if early is not None else self._request()
+                if isinstance(planned, _Failure):
+                    outcome = planned
+                else:
+                    version, headers = planned
+                    response = await request_async(
+                        self.url, headers, time_limit=self.timeout, max_bytes=self._max_bytes
+                    )
+                    outcome = self._interpret(response, headers, version)
             except TransportError as exc:
                 outcome = self._transport_failure(exc)
             if isinstance(outcome, Token):
                 return outcome
             if not outcome.retryable or attempt >= self.attempts:
                 raise self._error(outcome, attempt)
+            if outcome.at_once:
+                continue
             delay = self._delay(attempt)
             _log.info(
                 "control-plane token request failed (%s); retrying in %.2fs",
@@ -316,6 +488,14 @@ class ControlPlaneTokenSource:
                 delay,
             )
             await self._async_sleep(delay)
+
+
+def _proof_from_env(env: Mapping[str, str]) -> ProofVersion:
+    chosen = env.get(CP_PROOF_VERSION_ENV, "").strip().lower() or "auto"
+    for version in _PROOF_CHOICES_TYPED:
+        if version == chosen:
+            return version
+    raise ConfigurationError(f"{CP_PROOF_VERSION_ENV} must be one of {', '.join(_PROOF_CHOICES)}")
 
 
 def _parse_body(body: bytes) -> Token | _Failure:

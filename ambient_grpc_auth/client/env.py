@@ -37,7 +37,9 @@ def token_source_from_env(
     wrapped in a :class:`~ambient_grpc_auth.client.caching.CachingTokenSource`:
 
     1. ``AMBIENT_CP_TOKEN_URL`` set: the control-plane source (then
-       ``AMBIENT_CP_TOKEN_PUBLIC_KEY`` and ``SESSION_ID`` are required);
+       ``AMBIENT_CP_TOKEN_PUBLIC_KEY`` and ``SESSION_ID`` are required;
+       ``AMBIENT_CP_PROOF_VERSION`` and ``AMBIENT_CP_SA_TOKEN_FILE`` choose
+       the proof, see :meth:`ControlPlaneTokenSource.from_env`);
     2. else ``BOT_TOKEN`` (local development);
     3. else the service-account token file, if it exists.
 

@@ -23,9 +23,18 @@ from ambient_grpc_auth.controlplane.keys import (
     load_keys,
 )
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcClientCredentialsIssuer
+from ambient_grpc_auth.controlplane.podproof import PodIdentity, PodProofVerifier
 from ambient_grpc_auth.controlplane.replay import ReplayGuard
 from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenRejectedError
-from ambient_grpc_auth.proof import DecodedProof, SessionIdRule, decode_proof
+from ambient_grpc_auth.proof import (
+    POD_TOKEN_HEADER,
+    PROOF_VERSIONS_FIELD,
+    PROOF_VERSIONS_HEADER,
+    DecodedProof,
+    SessionIdRule,
+    decode_proof,
+    format_proof_versions,
+)
 
 __all__ = [
     "DISCOVERY_PATH",
@@ -152,6 +161,13 @@ class State:
             "/"
         )
         self.jwks_max_age = config.jwks_max_age
+        self.pod: PodProofVerifier | None = None
+        if config.pod_proof is not None:
+            self.pod = PodProofVerifier(config.pod_proof, clock=config.clock)
+            if config.pod_proof.namespaces is None:
+                _log.warning("pod-bound proofs: service accounts of any namespace are accepted")
+        self.require_pod_proof = config.require_pod_proof
+        self.proof_versions = _proof_versions(config)
 
     async def decode(self, bearer: str) -> DecodedProof:
         if self.pending >= self.max_pending:
@@ -172,6 +188,42 @@ class State:
             await asyncio.to_thread(self.guard.check, proof)
         else:
             self.guard.check(proof)
+
+
+def _proof_versions(config: TokenServerConfig) -> str:
+    """What this server advertises (see :mod:`ambient_grpc_auth.proof`)."""
+    if config.require_pod_proof:
+        return format_proof_versions({"pod"})
+    versions = {"v2"} if config.require_fresh_proof else {"v1", "v2"}
+    if config.pod_proof is not None:
+        versions.add("pod")
+    return format_proof_versions(versions)
+
+
+def _pod_token_of(request: web.Request) -> str | None:
+    values = request.headers.getall(POD_TOKEN_HEADER, [])
+    if len(values) > 1:
+        raise ProofError("pod_header_duplicate", 401)
+    value = values[0].strip() if values else ""
+    if not value:
+        return None
+    if not value.isascii() or not value.isprintable() or " " in value:
+        raise ProofError("pod_header_malformed", 401)
+    return value
+
+
+async def _pod_identity(state: State, request: web.Request) -> PodIdentity | None:
+    """The verified service account of a pod-bound proof; None without one
+    (then refused when pod proofs are required). A pod token sent to a
+    server not configured for them is ignored, as any unknown header."""
+    if state.pod is None:
+        return None
+    token = _pod_token_of(request)
+    if token is None:
+        if state.require_pod_proof:
+            raise ProofError("pod_proof_required", 401)
+        return None
+    return await state.pod.authenticate(token)
 
 
 def _url_base(issuer: JwtIssuer | None) -> str | None:
@@ -213,27 +265,36 @@ async def _handle_token(request: web.Request) -> web.StreamResponse:
     # Set only once the session id has passed the rule, so that what gets
     # logged is known to be printable and bounded.
     sid: str | None = None
-    version = 0
+    version = "?"
     try:
         async with asyncio.timeout(state.request_timeout):
-            proof = await state.decode(_bearer_of(request))
-            version = proof.version
+            bearer = _bearer_of(request)
+            # Before the decryption: a signature check costs far less.
+            pod = await _pod_identity(state, request)
+            proof = await state.decode(bearer)
+            version = f"v{proof.version}"
             sid = state.rule.validate(proof.session_id)
+            if pod is not None and state.pod is not None:
+                state.pod.check_binding(pod, sid)
+                version = "pod"
             await state.check_replay(proof)
             if state.session_check is not None and not await state.session_check(sid):
                 raise ProofError("unknown_session", 403)
             issued = await state.issuer.issue(sid)
     except ProofError as exc:
+        if exc.status == 503:
+            counters.add("busy", exc.reason)
+            _log.warning("token request refused: %s", exc.reason)
+            return _text(503, "pod token keys unavailable", {"Retry-After": "5"})
         counters.add("unauthorized" if exc.status == 401 else "forbidden", exc.reason)
         _log.warning(
             "token request refused: status=%d reason=%s session=%r", exc.status, exc.reason, sid
         )
         if exc.status == 401:
-            body = (
-                "missing bearer proof"
-                if exc.reason == "header_missing"
-                else "invalid session proof"
-            )
+            body = {
+                "header_missing": "missing bearer proof",
+                "pod_proof_required": "pod-bound proof required",
+            }.get(exc.reason, "invalid session proof")
             return _text(401, body, {"WWW-Authenticate": "Bearer"})
         return _text(403, "session not allowed")
     except _Busy:
@@ -263,7 +324,7 @@ async def _handle_token(request: web.Request) -> web.StreamResponse:
         return _text(500, "internal error")
     counters.add("issued")
     _log.info(
-        "issued token for session %r (proof v%d, expires %s)",
+        "issued token for session %r (proof %s, expires %s)",
         sid,
         version,
         issued.to_json()["expires_at"],
@@ -295,10 +356,17 @@ async def _handle_discovery(request: web.Request) -> web.StreamResponse:
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": state.jwt_issuer.algorithms,
+        PROOF_VERSIONS_FIELD: state.proof_versions.split(","),
     }
     return web.json_response(
         doc, headers={"Cache-Control": f"public, max-age={state.jwks_max_age}"}
     )
+
+
+async def _advertise(request: web.Request, response: web.StreamResponse) -> None:
+    # On every response, so that a runner learns it from /token (and
+    # /healthz) even when no discovery document is served (OIDC upstream).
+    response.headers[PROOF_VERSIONS_HEADER] = request.app[STATE].proof_versions
 
 
 async def _cleanup(app: web.Application) -> None:
@@ -321,5 +389,6 @@ def make_app(state: State, config: TokenServerConfig) -> web.Application:
     app.router.add_get(HEALTHZ_PATH, _handle_healthz)
     app.router.add_get(JWKS_PATH, _handle_jwks)
     app.router.add_get(DISCOVERY_PATH, _handle_discovery)
+    app.on_response_prepare.append(_advertise)
     app.on_cleanup.append(_cleanup)
     return app

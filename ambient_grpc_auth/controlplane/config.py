@@ -15,6 +15,7 @@ from ambient_grpc_auth.controlplane.issuers import (
 )
 from ambient_grpc_auth.controlplane.keys import CPKeys
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcSettings
+from ambient_grpc_auth.controlplane.podproof import PodProofSettings
 from ambient_grpc_auth.controlplane.replay import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_WINDOW_SECONDS,
@@ -95,6 +96,11 @@ class TokenServerConfig:
     replay_store: ReplayStore | None = None
     #: Last say on a session whose proof passed (see :data:`SessionCheck`).
     session_check: SessionCheck | None = None
+    #: Accept pod-bound proofs: the runner's service-account token, checked
+    #: against the cluster issuer (:mod:`~ambient_grpc_auth.controlplane.podproof`).
+    pod_proof: PodProofSettings | None = None
+    #: Refuse every request without a valid pod-bound proof (401); needs ``pod_proof``.
+    require_pod_proof: bool = False
 
     # -- limits
 
@@ -119,6 +125,8 @@ class TokenServerConfig:
             raise ConfigurationError("token server: keys_dir or keys is required")
         if self.oidc is not None and self.token_issuer is not None:
             raise ConfigurationError("token server: set oidc or token_issuer, not both")
+        if self.require_pod_proof and self.pod_proof is None:
+            raise ConfigurationError("token server: require_pod_proof needs pod_proof settings")
         if self.session_id_rule is not None and self.session_id_pattern is not None:
             raise ConfigurationError("token server: set session_id_rule or session_id_pattern")
         if self.replay_store is not None and self.replay_max_entries != DEFAULT_MAX_ENTRIES:

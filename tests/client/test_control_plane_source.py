@@ -86,6 +86,9 @@ def source(
 ) -> ControlPlaneTokenSource:
     rec = rec or Recorder()
     kw.setdefault("timeout", 5.0)
+    # The scripted endpoint advertises nothing: pin v2 here, negotiation is
+    # tested in test_proof_negotiation.py.
+    kw.setdefault("proof", "v2")
     return ControlPlaneTokenSource(
         server.url(),
         pem,
@@ -448,7 +451,7 @@ def test_other_configuration_errors(public_pem: str, rsa_key: rsa.RSAPrivateKey)
         ControlPlaneTokenSource(url, public_pem, SESSION, timeout=0)
     with pytest.raises(ConfigurationError):
         ControlPlaneTokenSource(url, public_pem, SESSION, backoff_base=2, backoff_cap=1)
-    assert ControlPlaneTokenSource(url, rsa_key.public_key(), SESSION).proof == "v2"
+    assert ControlPlaneTokenSource(url, rsa_key.public_key(), SESSION).proof == "auto"
 
 
 def test_from_env(public_pem: str) -> None:
