@@ -233,6 +233,7 @@ def _cmd_session_server(args: argparse.Namespace) -> int:
             f"{shown}:{port}",
             use_aio=args.aio,
             server_credentials=_server_credentials(args),
+            reflection=not args.no_reflection,
             ready=lambda bound: print(f"session server listening on {shown}:{bound}", flush=True),
         )
     finally:
@@ -418,6 +419,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--aio", action="store_true", help="serve with grpc.aio")
+    p.add_argument("--no-reflection", action="store_true", help="do not serve server reflection")
     p.set_defaults(func=_cmd_session_server)
 
     p = sub.add_parser("create-session", help="create a session (runner environment)")
