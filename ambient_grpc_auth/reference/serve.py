@@ -68,8 +68,9 @@ def _add_reflection(server: grpc.Server | grpc.aio.Server) -> None:
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
+    handlers = {"ServerReflectionInfo": v1}
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(_REFLECTION_V1_SERVICE, {"ServerReflectionInfo": v1}),)
+        (grpc.method_handlers_generic_handler(_REFLECTION_V1_SERVICE, handlers),)
     )
 
 

@@ -126,9 +126,7 @@ def test_sync_server_without_reflection(store: SessionStore) -> None:
 
 @pytest.mark.parametrize("reflection", [True, False])
 async def test_aio_server_reflection(store: SessionStore, reflection: bool) -> None:
-    server, port, _ = await start_aio_session_server(
-        store, _config(store), reflection=reflection
-    )
+    server, port, _ = await start_aio_session_server(store, _config(store), reflection=reflection)
     try:
         # The blocking reflection client runs off the loop that serves it.
         check = _check_discovery if reflection else _check_off
@@ -153,7 +151,8 @@ def test_cli_no_reflection_flag(tmp_path: Path) -> None:
         reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()))  # type: ignore[union-attr]
         reader.start()
         reader.join(60)
-        assert lines and "listening on" in lines[0], proc.stderr
+        assert lines, "session-server did not start"
+        assert "listening on" in lines[0]
         _check_off(lines[0].split()[-1])
     finally:
         proc.terminate()
