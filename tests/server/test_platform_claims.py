@@ -14,13 +14,20 @@ widen a runner's scope, nor make a user a service.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import jwt
 import pytest
+from support.cp import copy_keys, public_pem, runner_style_bearer
 from support.keys import jwk_of, other_key, signing_key
 from support.server import IDP_ISSUER, IDP_KID, JwksServer, mint, run_aio_server_in_thread
 
@@ -75,6 +82,35 @@ def test_runner_tokens_carry_a_name_the_platform_classifies() -> None:
 def test_a_name_the_platform_would_skip_is_a_configuration_error(bad: str) -> None:
     with pytest.raises(ConfigurationError):
         _cp(username=bad)
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], DEFAULT_USERNAME), (["--username", ""], None)])
+def test_token_server_username_flag(tmp_path: Path, flag: list[str], expected: str | None) -> None:
+    """``token-server --username`` reaches the tokens the real endpoint issues."""
+    keys = copy_keys(tmp_path / "keys")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ambient_grpc_auth", "token-server", "--keys", str(keys)]
+        + ["--listen", "127.0.0.1:0", *flag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()))  # type: ignore[union-attr]
+        reader.start()
+        reader.join(60)
+        assert lines, "token-server did not start"
+        url = lines[0].split()[-1]
+        request = urllib.request.Request(url + "/token")
+        proof = runner_style_bearer(public_pem(keys), "session-0001")
+        request.add_header("Authorization", f"Bearer {proof}")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            token = json.loads(reply.read())["token"]
+        assert _claims(token).get("preferred_username") == expected
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
 
 
 # --- our API server ignores the claim ----------------------------------------------
