@@ -151,6 +151,7 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
         public_url=public_url,
         audience=tuple(args.audience) if args.audience else TokenServerConfig.audience,
         ttl=args.ttl,
+        username=TokenServerConfig.username if args.username is None else args.username or None,
         require_fresh_proof=args.require_fresh_proof,
         session_id_pattern=args.session_pattern,
         oidc=oidc,
@@ -273,6 +274,7 @@ def _cmd_session_server(args: argparse.Namespace) -> int:
             f"{shown}:{port}",
             use_aio=args.aio,
             server_credentials=_server_credentials(args),
+            reflection=not args.no_reflection,
             ready=lambda bound: print(f"session server listening on {shown}:{bound}", flush=True),
         )
     finally:
@@ -427,6 +429,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--public-url", help="URL the server is reached at (JWKS discovery)")
     p.add_argument("--audience", action="append", help="`aud` of issued tokens (repeatable)")
     p.add_argument("--ttl", type=_positive_float, default=900.0, help="token lifetime, seconds")
+    p.add_argument(
+        "--username",
+        help="`preferred_username` of issued tokens, for the platform's API server"
+        " (default: ambient-runner; '' leaves it out)",
+    )
     p.add_argument("--require-fresh-proof", action="store_true", help="refuse v1 proofs")
     p.add_argument("--session-pattern", help="regex a session id must fully match")
     p.add_argument("--no-generate", action="store_true", help="never generate missing keys")
@@ -464,6 +471,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--aio", action="store_true", help="serve with grpc.aio")
+    p.add_argument("--no-reflection", action="store_true", help="do not serve server reflection")
     p.set_defaults(func=_cmd_session_server)
 
     p = sub.add_parser("create-session", help="create a session (runner environment)")

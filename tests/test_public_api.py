@@ -145,6 +145,7 @@ PUBLIC: dict[str, list[str]] = {
         "DEFAULT_AUDIENCE",
         "DEFAULT_SUBJECT",
         "DEFAULT_TTL_SECONDS",
+        "DEFAULT_USERNAME",
         "IssuedToken",
         "JwtIssuer",
         "TokenIssueError",

@@ -153,6 +153,7 @@ class State:
                 audience=config.audience,
                 ttl=config.ttl,
                 subject=config.subject,
+                username=config.username,
                 clock=config.clock,
                 executor=self.executor,
             )

@@ -11,6 +11,7 @@ from ambient_grpc_auth.controlplane.issuers import (
     DEFAULT_AUDIENCE,
     DEFAULT_SUBJECT,
     DEFAULT_TTL_SECONDS,
+    DEFAULT_USERNAME,
     TokenIssuer,
 )
 from ambient_grpc_auth.controlplane.keys import CPKeys
@@ -40,7 +41,7 @@ class TokenServerConfig:
 
     At least one of ``keys_dir`` and ``keys`` is required. By default tokens
     come from a :class:`~ambient_grpc_auth.controlplane.issuers.JwtIssuer`
-    built from ``issuer``, ``audience``, ``ttl`` and ``subject``; ``oidc`` or
+    built from ``issuer``, ``audience``, ``ttl``, ``subject`` and ``username``; ``oidc`` or
     ``token_issuer`` replace it (not both). Invalid combinations and limits
     raise ConfigurationError at construction.
     """
@@ -71,6 +72,9 @@ class TokenServerConfig:
     ttl: float = DEFAULT_TTL_SECONDS
     #: ``sub`` of issued JWTs: the identity the API server sees.
     subject: str = DEFAULT_SUBJECT
+    #: ``preferred_username`` of issued JWTs, the name the platform's API
+    #: server classifies (None: no such claim). Our API server ignores it.
+    username: str | None = DEFAULT_USERNAME
     #: Hand out a service token from an upstream OAuth2/OIDC provider instead of JWTs.
     oidc: OidcSettings | None = None
     #: Any other :class:`~ambient_grpc_auth.controlplane.issuers.TokenIssuer`

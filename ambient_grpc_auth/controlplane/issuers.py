@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_AUDIENCE",
     "DEFAULT_SUBJECT",
     "DEFAULT_TTL_SECONDS",
+    "DEFAULT_USERNAME",
     "IssuedToken",
     "JwtIssuer",
     "TokenIssueError",
@@ -42,6 +43,13 @@ __all__ = [
 
 #: The identity runner tokens are issued to, as the API server sees it.
 DEFAULT_SUBJECT = "system:serviceaccount:ambient-code:ambient-runner"
+#: The ``preferred_username`` of runner tokens. Our API server never reads
+#: it; the platform's API server names the caller by it (it skips any
+#: ``sub`` holding ``:``) and treats that name as a service caller when it
+#: equals its ``GRPC_SERVICE_ACCOUNT`` (or ``service-account-`` + that).
+DEFAULT_USERNAME = "ambient-runner"
+_USERNAME_CLAIM = "preferred_username"
+_MAX_USERNAME_CHARS = 256
 #: The ``aud`` the API server expects of runner tokens.
 DEFAULT_AUDIENCE = "ambient-api-server"
 #: Lifetime of issued runner tokens: 15 minutes.
@@ -95,9 +103,15 @@ class JwtIssuer:
     """Mints RS256 JWTs for runners.
 
     Claims: ``iss``, ``aud``, ``sub``, ``iat``, ``nbf``, ``exp`` (``iat + ttl``),
-    a random ``jti``, ``session_id`` (:data:`~ambient_grpc_auth.claims.SESSION_ID_CLAIM`)
-    and ``token_use`` = :data:`~ambient_grpc_auth.claims.RUNNER_TOKEN_USE`. The
-    header carries the signing key's ``kid`` (its RFC 7638 thumbprint).
+    a random ``jti``, ``session_id`` (:data:`~ambient_grpc_auth.claims.SESSION_ID_CLAIM`),
+    ``token_use`` = :data:`~ambient_grpc_auth.claims.RUNNER_TOKEN_USE` and, unless
+    ``username`` is None, ``preferred_username``. The header carries the
+    signing key's ``kid`` (its RFC 7638 thumbprint).
+
+    ``preferred_username`` is for the platform's API server only (see
+    :data:`DEFAULT_USERNAME`); our API server classifies runner tokens by
+    issuer, ``token_use`` and ``session_id`` and names the caller by ``sub``,
+    so this claim grants nothing there.
 
     Settings (keyword-only; ConfigurationError when invalid):
 
@@ -108,6 +122,8 @@ class JwtIssuer:
     - ``audience``: the ``aud`` claim, one audience or several (required).
     - ``ttl``: token lifetime in seconds, at most :data:`MAX_TTL_SECONDS`.
     - ``subject``: the ``sub`` claim, the identity the API server sees.
+    - ``username``: the ``preferred_username`` claim (None leaves it out);
+      non-empty, without ``:`` (the platform would skip such a name).
     - ``clock``: time source for ``iat``/``exp`` and key retirement.
     - ``retired_key_grace``: seconds a retired key stays published after its
       last token expired (:data:`RETIRED_KEY_GRACE_SECONDS`): :meth:`jwks`
@@ -127,6 +143,7 @@ class JwtIssuer:
         audience: str | Sequence[str] = DEFAULT_AUDIENCE,
         ttl: float = DEFAULT_TTL_SECONDS,
         subject: str = DEFAULT_SUBJECT,
+        username: str | None = DEFAULT_USERNAME,
         clock: Clock = SYSTEM_CLOCK,
         retired_key_grace: float = RETIRED_KEY_GRACE_SECONDS,
         executor: Executor | None = None,
@@ -142,6 +159,12 @@ class JwtIssuer:
             )
         if not subject:
             raise ConfigurationError("JWT issuer: subject is required")
+        if username is not None and (
+            not username or ":" in username or len(username) > _MAX_USERNAME_CHARS
+        ):
+            raise ConfigurationError(
+                f"JWT issuer: username must be 1-{_MAX_USERNAME_CHARS} characters without ':'"
+            )
         self._keys: Callable[[], SigningKeySet] = (
             (lambda: signing_keys) if isinstance(signing_keys, SigningKeySet) else signing_keys
         )
@@ -149,6 +172,7 @@ class JwtIssuer:
         self.audience = aud
         self.ttl = float(ttl)
         self.subject = subject
+        self.username = username
         self._clock = clock
         self._grace = retired_key_grace
         self._executor = executor
@@ -174,6 +198,8 @@ class JwtIssuer:
             SESSION_ID_CLAIM: session_id,
             TOKEN_USE_CLAIM: RUNNER_TOKEN_USE,
         }
+        if self.username is not None:
+            claims[_USERNAME_CLAIM] = self.username
         key = self._keys().current
         try:
             token = jwt.encode(

@@ -1,9 +1,11 @@
 """Running the reference SessionService behind the auth interceptor.
 
 One function per runtime (sync ``grpc`` and ``grpc.aio``) that wires the
-store, the interceptor and the standard health service together, so the CLI,
-the demo and the soak run all start the same server. ``grpc.health.v1`` is
-served without authentication (the default bypass selector).
+store, the interceptor, the standard health service and server reflection
+together, so the CLI, the demo and the soak run all start the same server.
+``grpc.health.v1`` and server reflection are served without authentication
+(the default bypass selector): reflection tells a caller the service schema
+(the same as the published ``.proto``), never data.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection as grpc_reflection
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ambient_grpc_auth._shutdown import wait_for_stop_signal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2_grpc
@@ -44,6 +48,30 @@ _log = logging.getLogger(__name__)
 #: are cancelled when it ends (clients resume from their last seq).
 SHUTDOWN_GRACE_SECONDS = 2.0
 _SERVICE_NAME = "ambient.v1.SessionService"
+#: Reflection clients (grpcurl, grpcui, grpc-go's) ask ``v1`` first and fall
+#: back to ``v1alpha``; grpcio-reflection implements ``v1alpha`` only. The two
+#: protocols are the same messages under two package names, so one servicer
+#: answers both.
+_REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection(server: grpc.Server | grpc.aio.Server) -> None:
+    names = (_SERVICE_NAME, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME)
+    servicer = (
+        grpc_reflection.aio.ReflectionServicer(names)
+        if isinstance(server, grpc.aio.Server)
+        else grpc_reflection.ReflectionServicer(names)
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    handlers = {"ServerReflectionInfo": v1}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_REFLECTION_V1_SERVICE, handlers),)
+    )
 
 
 def _bind(
@@ -84,15 +112,20 @@ def start_sync_session_server(
     *,
     server_credentials: grpc.ServerCredentials | None = None,
     max_workers: int = 64,
+    reflection: bool = True,
 ) -> SyncSessionServer:
     """Start a sync server. Every open watch holds one of ``max_workers``
-    threads; prefer the aio server for many concurrent watchers."""
+    threads; prefer the aio server for many concurrent watchers.
+    ``reflection=False`` leaves server reflection out (reflection calls then
+    get UNIMPLEMENTED)."""
     interceptor = ServerAuthInterceptor(config=config)
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ambient-rpc")
     server = grpc.server(pool, interceptors=[interceptor])
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(store), server)  # type: ignore[no-untyped-call]
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    if reflection:
+        _add_reflection(server)
     port = _bind(server, address, server_credentials)
     server.start()
     for name in ("", _SERVICE_NAME):
@@ -106,13 +139,17 @@ async def start_aio_session_server(
     address: str = "127.0.0.1:0",
     *,
     server_credentials: grpc.ServerCredentials | None = None,
+    reflection: bool = True,
 ) -> tuple[grpc.aio.Server, int, AioServerAuthInterceptor]:
-    """Start a ``grpc.aio`` server; the caller awaits ``server.stop(grace)``."""
+    """Start a ``grpc.aio`` server; the caller awaits ``server.stop(grace)``.
+    ``reflection`` as for :func:`start_sync_session_server`."""
     interceptor = AioServerAuthInterceptor(config=config)
     server = grpc.aio.server(interceptors=(interceptor,))
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(AsyncSessionServicer(store), server)  # type: ignore[no-untyped-call]
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    if reflection:
+        _add_reflection(server)
     port = _bind(server, address, server_credentials)
     await server.start()
     for name in ("", _SERVICE_NAME):
@@ -128,17 +165,19 @@ def run_session_server(
     use_aio: bool = False,
     server_credentials: grpc.ServerCredentials | None = None,
     ready: Callable[[int], None] | None = None,
+    reflection: bool = True,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (blocking).
 
     ``ready(port)`` is called once the server listens. Signal handlers are
-    installed only from the main thread.
+    installed only from the main thread. ``reflection`` as for
+    :func:`start_sync_session_server`.
     """
     if use_aio:
-        asyncio.run(_run_aio(store, config, address, server_credentials, ready))
+        asyncio.run(_run_aio(store, config, address, server_credentials, ready, reflection))
         return
     running = start_sync_session_server(
-        store, config, address, server_credentials=server_credentials
+        store, config, address, server_credentials=server_credentials, reflection=reflection
     )
     stop = threading.Event()
     previous: dict[signal.Signals, object] = {}
@@ -163,9 +202,10 @@ async def _run_aio(
     address: str,
     creds: grpc.ServerCredentials | None,
     ready: Callable[[int], None] | None,
+    reflection: bool,
 ) -> None:
     server, port, _ = await start_aio_session_server(
-        store, config, address, server_credentials=creds
+        store, config, address, server_credentials=creds, reflection=reflection
     )
     try:
         if ready is not None:
