@@ -175,19 +175,25 @@ def validate_watch(session_id: str, after_seq: int) -> tuple[str, int]:
 
 
 _INVISIBLE_CATEGORIES: Final = frozenset({"Cc", "Cf"})
+_MARK_CATEGORIES: Final = frozenset({"Mn", "Me"})
 
 
 def _event_type_key(event_type: str) -> str:
-    """``event_type`` as compared with reserved types: NFKC, casefolded,
-    without surrounding blanks. INVALID_ARGUMENT when it holds a control (Cc)
-    or format (Cf) character: those render as nothing (or break logs and
-    terminals), so ``user\\u200b`` or ``user\\x00`` would read as ``user``."""
+    """``event_type`` as compared with reserved types: compatibility-decomposed
+    (NFKD) without combining marks, casefolded, recomposed (NFKC), without
+    surrounding blanks; ``u\\u017fer`` (long s), fullwidth
+    ``\\uff55\\uff53\\uff45\\uff52``, ``\\u1d58ser`` (modifier u), ``use\\u0301r``
+    and ``user\\u034f`` all read ``user``. INVALID_ARGUMENT when it holds a
+    control (Cc) or format (Cf) character: those render as nothing (or break
+    logs and terminals), so ``user\\u200b`` or ``user\\x00`` would read as
+    ``user``."""
     _check_text(event_type, "event type", MAX_EVENT_TYPE_CHARS, required=True)
-    normalized = unicodedata.normalize("NFKC", event_type)
-    for text in (event_type, normalized):
-        if any(unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in text):
-            raise _invalid("event type has control or format characters")
-    return normalized.casefold().strip()
+    decomposed = unicodedata.normalize("NFKD", event_type)
+    if any(unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in event_type + decomposed):
+        raise _invalid("event type has control or format characters")
+    # Marks are dropped, not refused: they are legitimate in other event types.
+    bare = "".join(c for c in decomposed if unicodedata.category(c) not in _MARK_CATEGORIES)
+    return unicodedata.normalize("NFKC", bare.casefold()).strip()
 
 
 def check_push_allowed(principal: Principal | None, event_type: str) -> None:
@@ -197,7 +203,7 @@ def check_push_allowed(principal: Principal | None, event_type: str) -> None:
 
     Messages of type ``user`` stand for what a person typed; a service caller
     (runner, platform service) must not forge them. The comparison is on the
-    NFKC-normalised, casefolded type without surrounding blanks, so that
+    normalised, casefolded type without marks and surrounding blanks, so that
     ``" User"``, fullwidth ``\\uff55\\uff53\\uff45\\uff52`` or ``u\\u017fer``
     (long s) are not ways around it. Users may push any other event type;
     unauthenticated calls are only checked for the characters.
