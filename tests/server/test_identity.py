@@ -200,9 +200,7 @@ def test_sessions_record_their_creator_with_the_issuer(world: World) -> None:
 def test_owner_access_compares_issuer_and_subject() -> None:
     classifier = CallerClassifier()
     alice = classifier.classify(
-        StaticTokenAuthenticator(token="t0123456789", username="alice").authenticate(
-            "t0123456789"
-        )
+        StaticTokenAuthenticator(token="t0123456789", username="alice").authenticate("t0123456789")
     )
     assert owner_access(alice, Identity(STATIC_TOKEN_ISSUER, "alice")) is None
     assert owner_access(alice, ("other", "alice")) == "not_owner"  # type: ignore[arg-type]

@@ -118,9 +118,7 @@ def test_cli_service_accounts_are_bound_to_issuers(
         (CP, "system:serviceaccount:ambient-code:*"),
         (K8S_DEFAULT_ISSUER, "system:serviceaccount:jobs:*"),
     }
-    args = _args(
-        tmp_path, issuers, "--service-account", "robot", "--service-account-issuer", IDP
-    )
+    args = _args(tmp_path, issuers, "--service-account", "robot", "--service-account-issuer", IDP)
     classifier = _server_auth_config(args, store.owner_of).classifier
     assert classifier.service_accounts == {(IDP, "robot")}
 

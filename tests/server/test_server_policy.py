@@ -76,9 +76,7 @@ def test_service_account_patterns(subject: str, service: bool) -> None:
 
 
 def test_patterns_restricted_to_issuers() -> None:
-    classifier = CallerClassifier(
-        service_account_patterns=((K8S, "system:serviceaccount:*:*"),)
-    )
+    classifier = CallerClassifier(service_account_patterns=((K8S, "system:serviceaccount:*:*"),))
     subject = "system:serviceaccount:ns:sa"
     assert classifier.classify(user(subject, issuer=K8S)).is_service
     assert not classifier.classify(user(subject, issuer="https://idp.test")).is_service
