@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
 
@@ -44,7 +44,11 @@ from ambient_grpc_auth.server.authn import (
     K8S_TOKEN_FILE,
     TrustedIssuer,
 )
-from ambient_grpc_auth.server.config import API_TOKEN_ENV, SERVICE_ACCOUNT_ENV, ServerAuthConfig
+from ambient_grpc_auth.server.config import (
+    API_TOKEN_ENV,
+    OwnerLookup,
+    ServerAuthConfig,
+)
 from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet
 
 __all__ = ["main"]
@@ -211,9 +215,7 @@ def _key_source(source: str) -> KeySource:
     return StaticKeySet.from_pem_files([source])
 
 
-def _server_auth_config(
-    args: argparse.Namespace, owner_lookup: Callable[[str], str | None]
-) -> ServerAuthConfig:
+def _server_auth_config(args: argparse.Namespace, owner_lookup: OwnerLookup) -> ServerAuthConfig:
 
     environ = dict(os.environ)
     if args.service_token_file:
@@ -222,8 +224,6 @@ def _server_auth_config(
                 environ[API_TOKEN_ENV] = fh.read().strip()
         except (OSError, UnicodeDecodeError) as exc:
             _fail(f"cannot read --service-token-file: {getattr(exc, 'strerror', None) or exc}")
-    if args.service_account:
-        environ[SERVICE_ACCOUNT_ENV] = args.service_account
     audiences = tuple(args.audience) if args.audience else ("ambient-api-server",)
     control_planes = set(args.control_plane_issuer or ())
     trusted = [issuer for issuer, _ in args.trust or ()]
@@ -235,18 +235,32 @@ def _server_auth_config(
             issuer=issuer,
             audiences=audiences,
             keys=_key_source(source),
-            # Without an explicit choice, every trusted issuer may mint
-            # session-scoped runner tokens (the claim decides, see policy).
-            control_plane=not control_planes or issuer in control_planes,
+            # Only issuers named explicitly mint session-scoped runner tokens;
+            # runner claims from any other issuer are ignored (see policy).
+            control_plane=issuer in control_planes,
         )
         for issuer, source in args.trust or ()
     ]
     return ServerAuthConfig.from_env(
         environ=environ,
         issuers=issuers,
+        service_accounts=args.service_account or (),
+        service_account_issuer=args.service_account_issuer,
         service_account_patterns=args.service_account_pattern or (),
         owner_lookup=owner_lookup,
+        default_owner_issuer=args.default_owner_issuer,
     )
+
+
+def _binding(text: str) -> str | tuple[str, str]:
+    """``ISSUER=NAME`` as a pair; a bare ``NAME`` as is (bound later to the
+    default service-account issuer)."""
+    issuer, sep, name = text.partition("=")
+    if not sep:
+        return text
+    if not issuer or not name:
+        raise argparse.ArgumentTypeError(f"expected ISSUER=NAME or NAME, got {text!r}")
+    return issuer, name
 
 
 def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
@@ -462,12 +476,39 @@ def _parser() -> argparse.ArgumentParser:
         "--control-plane-issuer",
         action="append",
         metavar="ISSUER",
-        help="issuer whose runner tokens are session-scoped (default: every --trust issuer)",
+        help="a --trust issuer that mints session-scoped runner tokens (repeatable); "
+        "runner claims from any other issuer are ignored (default: none)",
     )
     p.add_argument("--audience", action="append", help="accepted `aud` (repeatable)")
     p.add_argument("--service-token-file", help="file holding the static service token")
-    p.add_argument("--service-account", help="username treated as a service caller")
-    p.add_argument("--service-account-pattern", action="append", metavar="GLOB")
+    p.add_argument(
+        "--service-account",
+        type=_binding,
+        action="append",
+        metavar="[ISSUER=]NAME",
+        help="a service caller: NAME from ISSUER (repeatable; adds to GRPC_SERVICE_ACCOUNT); "
+        "a bare NAME is bound to --service-account-issuer",
+    )
+    p.add_argument(
+        "--service-account-pattern",
+        type=_binding,
+        action="append",
+        metavar="[ISSUER=]GLOB",
+        help="service callers: usernames from ISSUER matching GLOB (repeatable); "
+        "a bare GLOB is bound to --service-account-issuer",
+    )
+    p.add_argument(
+        "--service-account-issuer",
+        metavar="ISSUER",
+        help="issuer of bare service-account names and globs (default: "
+        "GRPC_SERVICE_ACCOUNT_ISSUER, else the Kubernetes issuer when trusted)",
+    )
+    p.add_argument(
+        "--default-owner-issuer",
+        metavar="ISSUER",
+        help="issuer of session owners stored without one (sessions from older versions; "
+        "default: the first --trust issuer not named by --control-plane-issuer)",
+    )
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--aio", action="store_true", help="serve with grpc.aio")

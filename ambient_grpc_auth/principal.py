@@ -13,14 +13,29 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["CallerKind", "Principal", "current_principal", "principal_scope"]
+__all__ = ["CallerKind", "Identity", "Principal", "current_principal", "principal_scope"]
 
 
 class CallerKind(enum.Enum):
     USER = "user"
     SERVICE = "service"
+
+
+class Identity(NamedTuple):
+    """A caller's identity: the issuer that vouched for it and the subject.
+
+    Names are only ever compared together with their issuer: ``alice`` from
+    one identity provider is not ``alice`` from another. ``issuer`` is the
+    JWT ``iss``, the reserved
+    :data:`~ambient_grpc_auth.server.authn.STATIC_TOKEN_ISSUER` for the static
+    service token, or ``None`` for principals of authenticators that know no
+    issuer.
+    """
+
+    issuer: str | None
+    subject: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +45,9 @@ class Principal:
     ``username`` is the token's subject (or the configured name of the static
     service token); ``session_scope`` is set for runner tokens that may act on
     one session only; ``claims`` are the verified JWT claims (empty for the
-    static token).
+    static token); ``issuer`` is who vouched for ``username`` (see
+    :class:`Identity`). Authorization compares :attr:`identity`, never the
+    username alone.
     """
 
     username: str
@@ -38,6 +55,11 @@ class Principal:
     session_scope: str | None = None
     issuer: str | None = None
     claims: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def identity(self) -> Identity:
+        """``(issuer, username)``: what ownership and service accounts match."""
+        return Identity(self.issuer, self.username)
 
     @property
     def is_service(self) -> bool:

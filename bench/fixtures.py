@@ -141,6 +141,7 @@ def ours_config(
         authenticator=JwtAuthenticator(issuers=[issuer]),
         ownership=OwnershipPolicy().with_rules(rules),
         owner_lookup=dict(owners).get,
+        default_owner_issuer=ISSUER,
         owner_lookup_inline=inline_lookup,
     )
 

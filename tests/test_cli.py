@@ -115,6 +115,8 @@ def test_push_and_watch_across_session_server_restart(
         str(db),
         "--trust",
         f"{cp_url}={cp_url}/.well-known/jwks.json",
+        "--control-plane-issuer",
+        cp_url,
         "--service-token-file",
         str(token_file),
     ]

@@ -74,6 +74,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
                 request.name,
                 project_id=request.project_id if request.HasField("project_id") else None,
                 created_by=principal.username if principal is not None else None,
+                created_by_issuer=principal.issuer if principal is not None else None,
             )
         except SessionStoreError as exc:
             context.abort(*status_of(exc))

@@ -26,6 +26,7 @@ import logging
 import os
 import sqlite3
 import threading
+import unicodedata
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ import grpc
 
 from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.errors import AmbientAuthError, ConfigurationError
-from ambient_grpc_auth.principal import Principal
+from ambient_grpc_auth.principal import Identity, Principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2
 from ambient_grpc_auth.reference.hub import Hub, Subscription
 
@@ -72,6 +73,10 @@ SESSION_HREF_PREFIX: Final = "/api/ambient/v1/sessions/"
 _OWNER_CACHE_SIZE: Final = 4096
 _MAX_SEQ: Final = (1 << 63) - 1  # SQLite INTEGER and proto int64 limit
 
+# ``created_by_issuer`` is NULL for sessions stored before owners carried
+# their issuer (and for owners without one): :meth:`SessionStore.owner_of`
+# returns their owner as a bare name, which the server matches against its
+# default owner issuer. Older databases get the column on open (_migrate).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
@@ -80,7 +85,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_by TEXT,
     created_at_us INTEGER NOT NULL,
     updated_at_us INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL DEFAULT 0
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    created_by_issuer TEXT
 );
 CREATE TABLE IF NOT EXISTS messages (
     session_id TEXT NOT NULL REFERENCES sessions(id),
@@ -168,15 +174,42 @@ def validate_watch(session_id: str, after_seq: int) -> tuple[str, int]:
     return session_id, after_seq
 
 
+_INVISIBLE_CATEGORIES: Final = frozenset({"Cc", "Cf"})
+_MARK_CATEGORIES: Final = frozenset({"Mn", "Me"})
+
+
+def _event_type_key(event_type: str) -> str:
+    """``event_type`` as compared with reserved types: compatibility-decomposed
+    (NFKD) without combining marks, casefolded, recomposed (NFKC), without
+    surrounding blanks; ``u\\u017fer`` (long s), fullwidth
+    ``\\uff55\\uff53\\uff45\\uff52``, ``\\u1d58ser`` (modifier u), ``use\\u0301r``
+    and ``user\\u034f`` all read ``user``. INVALID_ARGUMENT when it holds a
+    control (Cc) or format (Cf) character: those render as nothing (or break
+    logs and terminals), so ``user\\u200b`` or ``user\\x00`` would read as
+    ``user``."""
+    _check_text(event_type, "event type", MAX_EVENT_TYPE_CHARS, required=True)
+    decomposed = unicodedata.normalize("NFKD", event_type)
+    if any(unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in event_type + decomposed):
+        raise _invalid("event type has control or format characters")
+    # Marks are dropped, not refused: they are legitimate in other event types.
+    bare = "".join(c for c in decomposed if unicodedata.category(c) not in _MARK_CATEGORIES)
+    return unicodedata.normalize("NFKC", bare.casefold()).strip()
+
+
 def check_push_allowed(principal: Principal | None, event_type: str) -> None:
-    """Refuse (PERMISSION_DENIED) a service caller pushing a ``user`` message.
+    """Refuse an event type with control or format characters
+    (INVALID_ARGUMENT, for every caller), and a service caller pushing a
+    ``user`` message (PERMISSION_DENIED).
 
     Messages of type ``user`` stand for what a person typed; a service caller
-    (runner, platform service) must not forge them. The comparison ignores
-    case and surrounding blanks so that ``" User"`` is not a way around it.
-    Users may push any event type; unauthenticated calls are not judged here.
+    (runner, platform service) must not forge them. The comparison is on the
+    normalised, casefolded type without marks and surrounding blanks, so that
+    ``" User"``, fullwidth ``\\uff55\\uff53\\uff45\\uff52`` or ``u\\u017fer``
+    (long s) are not ways around it. Users may push any other event type;
+    unauthenticated calls are only checked for the characters.
     """
-    if principal is not None and principal.is_service and event_type.strip().lower() == "user":
+    key = _event_type_key(event_type)
+    if principal is not None and principal.is_service and key == "user":
         raise SessionStoreError(
             grpc.StatusCode.PERMISSION_DENIED, "service callers may not push user messages"
         )
@@ -230,7 +263,7 @@ class SessionStore:
         self._lock = threading.Lock()
         self._closed = False
         self._hub = Hub()
-        self._owners: OrderedDict[str, str | None] = OrderedDict()
+        self._owners: OrderedDict[str, Identity | str | None] = OrderedDict()
         self._owners_lock = threading.Lock()
         try:
             conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
@@ -241,6 +274,7 @@ class SessionStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise ConfigurationError(f"cannot initialise session database: {exc}") from None
@@ -283,22 +317,34 @@ class SessionStore:
     # -- sessions
 
     def create_session(
-        self, name: str, project_id: str | None = None, created_by: str | None = None
+        self,
+        name: str,
+        project_id: str | None = None,
+        created_by: str | None = None,
+        *,
+        created_by_issuer: str | None = None,
     ) -> sessions_pb2.Session:
-        """Store a new session with a generated id and return it."""
+        """Store a new session with a generated id and return it.
+
+        ``created_by`` and ``created_by_issuer`` are the creator's
+        :class:`~ambient_grpc_auth.principal.Identity`, returned by
+        :meth:`owner_of`; without an issuer the owner is a bare name.
+        """
         _check_text(name, "name", MAX_NAME_CHARS, required=False)
         if project_id is not None:
             _check_text(project_id, "project id", MAX_ID_CHARS, required=False)
         if created_by is not None:
             _check_text(created_by, "creator", MAX_NAME_CHARS, required=False)
+        if created_by_issuer is not None:
+            _check_text(created_by_issuer, "creator issuer", MAX_NAME_CHARS, required=False)
         session_id = uuid.uuid4().hex
         now = self._now_us()
         row = (session_id, name, project_id, created_by, now, now)
         with self._db(write=True) as db:
             db.execute(
                 "INSERT INTO sessions (id, name, project_id, created_by, created_at_us,"
-                " updated_at_us) VALUES (?, ?, ?, ?, ?, ?)",
-                row,
+                " updated_at_us, created_by_issuer) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*row, created_by_issuer),
             )
         return _session_proto(row)
 
@@ -326,9 +372,14 @@ class SessionStore:
         """True when ``session_id`` names a stored session."""
         return _plausible_id(session_id) and self._lookup_owner(session_id)[0]
 
-    def owner_of(self, session_id: str) -> str | None:
-        """The creator of ``session_id``; None when unknown, ownerless or not a
-        plausible id. Cheap: owners never change, so found sessions are cached
+    def owner_of(self, session_id: str) -> Identity | str | None:
+        """The creator of ``session_id`` as an
+        :class:`~ambient_grpc_auth.principal.Identity`, or as a bare name when
+        stored without an issuer (sessions created before owners carried
+        their issuer: the server matches them against its
+        ``default_owner_issuer``); None when unknown, ownerless or not a
+        plausible id. An :data:`~ambient_grpc_auth.server.config.OwnerLookup`.
+        Cheap: owners never change, so found sessions are cached
         (bounded LRU); unknown ids are not cached, as they may be created later.
         Raises :class:`SessionStoreError` (UNAVAILABLE) only when the database
         must be asked and cannot answer (store closed, SQLite failure)."""
@@ -336,18 +387,21 @@ class SessionStore:
             return None
         return self._lookup_owner(session_id)[1]
 
-    def _lookup_owner(self, session_id: str) -> tuple[bool, str | None]:
+    def _lookup_owner(self, session_id: str) -> tuple[bool, Identity | str | None]:
         with self._owners_lock:
             if session_id in self._owners:
                 self._owners.move_to_end(session_id)
                 return True, self._owners[session_id]
         with self._db() as db:
             row = db.execute(
-                "SELECT created_by FROM sessions WHERE id = ?", (session_id,)
+                "SELECT created_by, created_by_issuer FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
         if row is None:
             return False, None
-        owner: str | None = row[0]
+        name, issuer = row
+        owner: Identity | str | None = (
+            None if name is None else name if issuer is None else Identity(issuer, name)
+        )
         with self._owners_lock:
             self._owners[session_id] = owner
             if len(self._owners) > _OWNER_CACHE_SIZE:
@@ -359,12 +413,12 @@ class SessionStore:
     def append(self, session_id: str, event_type: str, payload: str) -> sessions_pb2.SessionMessage:
         """Append a message, assigning the session's next seq, and wake watchers.
 
-        INVALID_ARGUMENT for an empty or too long id or event type and for a
-        payload above ``max_payload_bytes`` UTF-8 bytes; NOT_FOUND for an
-        unknown session.
+        INVALID_ARGUMENT for an empty or too long id or event type, an event
+        type with control or format characters, and for a payload above
+        ``max_payload_bytes`` UTF-8 bytes; NOT_FOUND for an unknown session.
         """
         _check_text(session_id, "session id", MAX_ID_CHARS, required=True)
-        _check_text(event_type, "event type", MAX_EVENT_TYPE_CHARS, required=True)
+        _event_type_key(event_type)
         # A character is at least one byte: skip encoding obviously oversized text.
         if len(payload) > self._max_payload_bytes or (
             _utf8_size(payload, "payload") > self._max_payload_bytes
@@ -454,6 +508,24 @@ class SessionStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database created by an older version up to :data:`_SCHEMA`.
+
+    Adds ``sessions.created_by_issuer`` (NULL: the owner is a bare name, as
+    before). Inside ``BEGIN IMMEDIATE`` so that two processes opening the same
+    file do not both add the column."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+        if "created_by_issuer" not in columns:
+            conn.execute("ALTER TABLE sessions ADD COLUMN created_by_issuer TEXT")
+            _log.info("session database migrated: owners now carry their issuer")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _session_proto(

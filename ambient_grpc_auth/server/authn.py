@@ -61,6 +61,7 @@ __all__ = [
     "K8S_DEFAULT_JWKS_URL",
     "K8S_TOKEN_FILE",
     "MAX_LEEWAY",
+    "STATIC_TOKEN_ISSUER",
     "SUPPORTED_ALGORITHMS",
     "Authenticator",
     "AuthenticatorChain",
@@ -72,6 +73,10 @@ __all__ = [
 ]
 
 DEFAULT_STATIC_USERNAME = "ambient-api-token"
+#: The issuer of the static token's principal. Not a URL, and refused as a
+#: :class:`TrustedIssuer` name, so no JWT can ever carry it: an identity
+#: provider's user named like the static token's username is someone else.
+STATIC_TOKEN_ISSUER = "ambient-grpc-auth:static-token"  # noqa: S105 (a name)
 #: Asymmetric algorithms accepted unless configured otherwise.
 DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 #: Everything an issuer may allow. No HMAC (a public key must never double as
@@ -116,7 +121,8 @@ def _digest(token: str) -> bytes:
 
 
 class StaticTokenAuthenticator:
-    """Accepts one shared secret token as a service caller named ``username``.
+    """Accepts one shared secret token as a service caller named ``username``,
+    issued by :data:`STATIC_TOKEN_ISSUER`.
 
     Only the SHA-256 digest of the token is kept; comparison uses
     :func:`hmac.compare_digest` on equal-length digests.
@@ -128,7 +134,9 @@ class StaticTokenAuthenticator:
         if not username:
             raise ConfigurationError("the static token's username must be non-empty")
         self._digest = _digest(token)
-        self._principal = Principal(username=username, kind=CallerKind.SERVICE)
+        self._principal = Principal(
+            username=username, kind=CallerKind.SERVICE, issuer=STATIC_TOKEN_ISSUER
+        )
 
     def authenticate(self, token: str) -> Principal:
         if hmac.compare_digest(_digest(token), self._digest):
@@ -209,6 +217,8 @@ class TrustedIssuer:
         object.__setattr__(self, "algorithms", tuple(self.algorithms))
         if not self.issuer:
             raise ConfigurationError("JWT issuer name must be non-empty")
+        if self.issuer == STATIC_TOKEN_ISSUER:
+            raise ConfigurationError(f"{STATIC_TOKEN_ISSUER!r} is reserved for the static token")
         if not audiences or not all(isinstance(a, str) and a for a in audiences):
             raise ConfigurationError(f"issuer {self.issuer!r}: at least one audience is required")
         if not self.algorithms:

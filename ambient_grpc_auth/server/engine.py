@@ -32,7 +32,8 @@ request message, for methods whose rule names a session field:
 
 9. **Session scope.** Service callers are allowed (runners on their own
    session only); a request without a usable session id is denied.
-10. **Ownership.** Users are allowed on sessions they own (owner lookup);
+10. **Ownership.** Users are allowed on sessions they own (owner lookup,
+    compared as ``(issuer, username)``);
     everyone else, also on sessions that do not exist, gets PERMISSION_DENIED.
     A failing lookup answers UNAVAILABLE.
 
@@ -64,7 +65,7 @@ import grpc
 
 from ambient_grpc_auth._bearer import authorization_value, parse_bearer
 from ambient_grpc_auth.errors import TokenRejectedError
-from ambient_grpc_auth.principal import CallerKind, Principal
+from ambient_grpc_auth.principal import CallerKind, Identity, Principal
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.policy import (
     MAX_SESSION_ID_CHARS,
@@ -417,7 +418,10 @@ class Admission:
 
             return service_check
         lookup = self._engine._lookup
+        identity = principal.identity
         username = principal.username
+        # A bare owner name stands for that name from the default owner issuer.
+        bare_owner_ok = principal.issuer == self._engine.config.default_owner_issuer
 
         def user_check(request: Any) -> Denial | None:
             session_id = getattr(request, field_name, None)
@@ -430,7 +434,11 @@ class Admission:
                     owner = lookup(session_id)
                 except Exception:
                     owner = None  # decide() looks again, and reports the failure
-                if owner is not None and owner == username:
+                if owner is not None and (
+                    (bare_owner_ok and owner == username)
+                    if type(owner) is str
+                    else owner == identity
+                ):
                     return None
             return decide(request)
 
@@ -483,9 +491,9 @@ class Admission:
         assert isinstance(session_id, str)
         return session_id
 
-    def _owner_decision(self, owner: str | None) -> Denial | None:
+    def _owner_decision(self, owner: Identity | str | None) -> Denial | None:
         """Step 10, once the owner is known."""
-        reason = owner_access(self.principal, owner)
+        reason = owner_access(self.principal, owner, self._engine.config.default_owner_issuer)
         if reason is None:
             return None
         denied = TokenRejectedError(reason, grpc.StatusCode.PERMISSION_DENIED)

@@ -6,12 +6,14 @@ Everything here is shared by the sync interceptor
 
 - :class:`CallerClassifier` turns an authenticated :class:`Principal` into a
   user or a service caller (static token, ``GRPC_SERVICE_ACCOUNT``,
-  ``system:serviceaccount:<ns>:<name>`` patterns, runner tokens issued by our
-  control plane, which are scoped to one session).
+  ``system:serviceaccount:<ns>:<name>`` patterns, each bound to the issuer
+  that may assert it, runner tokens issued by our control plane, which are
+  scoped to one session).
 - :class:`OwnershipPolicy` holds one :class:`MethodRule` per full method name
   and a default for methods without a rule; :func:`session_access` and
   :func:`owner_access` decide a call from the principal, the session id found
-  in the request and, for users only, the session's owner.
+  in the request and, for users only, the session's owner. Identities are
+  ``(issuer, username)`` pairs everywhere; a name alone matches nothing.
 - :func:`bypass_services` builds the selector of methods served without
   authentication (health and reflection by default).
 
@@ -30,8 +32,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
-from ambient_grpc_auth.errors import TokenRejectedError
-from ambient_grpc_auth.principal import CallerKind, Principal
+from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
+from ambient_grpc_auth.principal import CallerKind, Identity, Principal
 
 __all__ = [
     "ALLOW_AUTHENTICATED",
@@ -46,6 +48,7 @@ __all__ = [
     "bypass_services",
     "default_bypass",
     "owner_access",
+    "owner_identity",
     "rule_session_id",
     "session_access",
 ]
@@ -68,38 +71,39 @@ class CallerClassifier:
        the runner value is a service caller scoped to its ``session_id`` claim.
        Such a token without a usable ``session_id`` is rejected
        (UNAUTHENTICATED, reason ``runner_without_session``): it would otherwise
-       fall through to broader rules.
-    3. A username in ``service_usernames`` (``GRPC_SERVICE_ACCOUNT``).
-    4. A username matching one of ``service_account_patterns``
-       (:func:`fnmatch.fnmatchcase`, e.g. ``system:serviceaccount:*:session-*-sa``).
-       When ``pattern_issuers`` is set, only principals from those issuers are
-       considered, so that a user-facing identity provider whose subjects users
-       can influence cannot mint a name that looks like a service account.
+       fall through to broader rules. Runner claims in a token from any other
+       issuer are ignored: its caller is whatever the remaining rules make it.
+    3. A principal whose :attr:`~ambient_grpc_auth.principal.Principal.identity`
+       ``(issuer, username)`` is in ``service_accounts`` (``GRPC_SERVICE_ACCOUNT``).
+    4. A principal from the issuer a pattern is bound to whose username matches
+       that pattern (:func:`fnmatch.fnmatchcase`, e.g.
+       ``system:serviceaccount:*:session-*-sa``).
     5. Everyone else is a user.
 
-    Immutable and thread-safe. Any iterable is accepted for the collection
-    fields; they are stored as frozensets and tuples.
+    Names are never matched without their issuer, so a user of one identity
+    provider cannot become a service account by picking its name. Immutable
+    and thread-safe. Any iterable is accepted for the collection fields; they
+    are stored as frozensets and tuples. Raises :class:`ConfigurationError`
+    for an entry that is not an ``(issuer, name)`` pair.
     """
 
-    #: Usernames that are service callers (``GRPC_SERVICE_ACCOUNT``); rule 3.
-    service_usernames: frozenset[str] = frozenset()
-    #: :func:`fnmatch.fnmatchcase` patterns of service-account usernames,
-    #: e.g. ``system:serviceaccount:*:session-*-sa``; rule 4.
-    service_account_patterns: tuple[str, ...] = ()
-    #: Issuers whose principals the patterns apply to; ``None`` means every
-    #: issuer. Set it when a user-facing identity provider is trusted too.
-    pattern_issuers: frozenset[str] | None = None
+    #: ``(issuer, username)`` pairs that are service callers
+    #: (``GRPC_SERVICE_ACCOUNT``); rule 3.
+    service_accounts: frozenset[Identity] = frozenset()
+    #: ``(issuer, glob)`` pairs: :func:`fnmatch.fnmatchcase` patterns of
+    #: service-account usernames, each honoured for its issuer only; rule 4.
+    service_account_patterns: tuple[tuple[str | None, str], ...] = ()
     #: Issuers of our control plane, whose runner tokens become service
     #: callers scoped to one session; rule 2.
     control_plane_issuers: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         # Accept any iterable for convenience but store immutable forms.
-        object.__setattr__(self, "service_usernames", frozenset(self.service_usernames))
-        object.__setattr__(self, "service_account_patterns", tuple(self.service_account_patterns))
+        accounts = frozenset(Identity(*_pair(a, "service account")) for a in self.service_accounts)
+        patterns = tuple(_pair(p, "service-account pattern") for p in self.service_account_patterns)
+        object.__setattr__(self, "service_accounts", accounts)
+        object.__setattr__(self, "service_account_patterns", patterns)
         object.__setattr__(self, "control_plane_issuers", frozenset(self.control_plane_issuers))
-        if self.pattern_issuers is not None:
-            object.__setattr__(self, "pattern_issuers", frozenset(self.pattern_issuers))
 
     def classify(self, principal: Principal) -> Principal:
         """Return ``principal`` as a user or service caller.
@@ -118,15 +122,26 @@ class CallerClassifier:
             if not _valid_session_id(session_id):
                 raise TokenRejectedError("runner_without_session")
             return _as_service(principal, session_scope=session_id)
-        if principal.username in self.service_usernames:
+        if principal.identity in self.service_accounts:
             return _as_service(principal, session_scope=None)
-        if self.service_account_patterns and (
-            self.pattern_issuers is None or principal.issuer in self.pattern_issuers
-        ):
-            for pattern in self.service_account_patterns:
-                if fnmatch.fnmatchcase(principal.username, pattern):
-                    return _as_service(principal, session_scope=None)
+        for issuer, pattern in self.service_account_patterns:
+            if issuer == principal.issuer and fnmatch.fnmatchcase(principal.username, pattern):
+                return _as_service(principal, session_scope=None)
         return principal
+
+
+def _pair(value: object, what: str) -> tuple[str | None, str]:
+    """``value`` as an ``(issuer, name)`` pair; a bare name is refused, since
+    it would match that name from every issuer."""
+    if (
+        not isinstance(value, tuple)
+        or len(value) != 2
+        or not (value[0] is None or isinstance(value[0], str))
+        or not isinstance(value[1], str)
+        or not value[1]
+    ):
+        raise ConfigurationError(f"a {what} must be an (issuer, name) pair, got {value!r}")
+    return value[0], value[1]
 
 
 def _as_service(principal: Principal, *, session_scope: str | None) -> Principal:
@@ -232,15 +247,32 @@ def session_access(principal: Principal, session_id: object) -> Access | str:
     return Access.NEEDS_OWNER
 
 
-def owner_access(principal: Principal, owner: str | None) -> str | None:
+def owner_identity(owner: Identity | str | None, default_issuer: str | None) -> Identity | None:
+    """The owner an owner lookup returned, as an :class:`Identity`.
+
+    A bare name (a lookup written before owners carried their issuer, or a
+    session stored before that) belongs to ``default_issuer``
+    (:attr:`~ambient_grpc_auth.server.config.ServerAuthConfig.default_owner_issuer`).
+    """
+    if isinstance(owner, str):
+        return Identity(default_issuer, owner)
+    return owner
+
+
+def owner_access(
+    principal: Principal, owner: Identity | str | None, default_issuer: str | None = None
+) -> str | None:
     """``None`` when ``principal`` owns the session, else a denial reason.
 
-    An unknown or ownerless session (``owner is None``) is denied like a
-    foreign one, so that callers cannot probe which sessions exist.
+    Ownership compares ``(issuer, username)`` with the owner's identity (see
+    :func:`owner_identity` for a bare owner name and ``default_issuer``). An
+    unknown or ownerless session (``owner is None``) is denied like a foreign
+    one, so that callers cannot probe which sessions exist.
     """
-    if owner is None:
+    identity = owner_identity(owner, default_issuer)
+    if identity is None:
         return "no_such_session"
-    if owner != principal.username:
+    if identity != principal.identity:
         return "not_owner"
     return None
 

@@ -64,13 +64,18 @@ def test_from_env_needs_something_to_authenticate_with() -> None:
 
 
 def test_from_env_static_token_only() -> None:
-    config = ServerAuthConfig.from_env(
-        environ={"AMBIENT_API_TOKEN": " tok-123456789 \n", "GRPC_SERVICE_ACCOUNT": " svc \n"}
-    )
+    config = ServerAuthConfig.from_env(environ={"AMBIENT_API_TOKEN": " tok-123456789 \n"})
     assert isinstance(config.authenticator, StaticTokenAuthenticator)
     assert config.authenticator.authenticate("tok-123456789").username == "ambient-api-token"
-    assert config.classifier.service_usernames == frozenset({"svc"})
+    assert config.classifier.service_accounts == frozenset()
+    assert config.default_owner_issuer is None
     assert config.token_cache is not None
+    # A service-account name with no issuer that may assert it is refused.
+    with pytest.raises(ConfigurationError) as err:
+        ServerAuthConfig.from_env(
+            environ={"AMBIENT_API_TOKEN": "tok-123456789", "GRPC_SERVICE_ACCOUNT": " svc \n"}
+        )
+    assert "GRPC_SERVICE_ACCOUNT_ISSUER" in str(err.value)
 
 
 def test_from_env_chain_and_control_plane_issuers() -> None:
@@ -81,7 +86,8 @@ def test_from_env_chain_and_control_plane_issuers() -> None:
     )
     assert isinstance(config.authenticator, AuthenticatorChain)
     assert config.classifier.control_plane_issuers == frozenset({CP_ISSUER})
-    assert config.classifier.service_usernames == frozenset()
+    assert config.classifier.service_accounts == frozenset()
+    assert config.default_owner_issuer == IDP_ISSUER
     assert config.authenticator.authenticate("tok-123456789").username == "platform"
 
 
@@ -90,7 +96,7 @@ def test_from_env_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GRPC_SERVICE_ACCOUNT", raising=False)
     interceptor = ServerAuthInterceptor.from_env()
     assert interceptor.config.authenticator.authenticate("env-token-abcdef").is_service
-    assert AioServerAuthInterceptor.from_env().config.classifier.service_usernames == frozenset()
+    assert AioServerAuthInterceptor.from_env().config.classifier.service_accounts == frozenset()
 
 
 # --- the decision core -------------------------------------------------------------
@@ -247,6 +253,7 @@ def test_inline_owner_lookup(serve: Callable[[ServerAuthConfig], tuple[Any, Reco
             authenticator=JwtAuthenticator(issuers=[idp()], clock=clock),
             ownership=OwnershipPolicy(rules=RULES),
             owner_lookup={"s1": "alice"}.get,
+            default_owner_issuer=IDP_ISSUER,
             owner_lookup_inline=True,
         )
     )

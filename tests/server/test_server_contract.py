@@ -68,9 +68,13 @@ def build_config(clock: FakeClock, metrics: AuthMetrics) -> ServerAuthConfig:
     )
     rules = {ECHO + name: MethodRule.session("session_id") for name in ECHO_METHODS}
     return ServerAuthConfig.from_env(
-        environ={"AMBIENT_API_TOKEN": STATIC_TOKEN, "GRPC_SERVICE_ACCOUNT": SERVICE_ACCOUNT},
+        environ={
+            "AMBIENT_API_TOKEN": STATIC_TOKEN,
+            "GRPC_SERVICE_ACCOUNT": SERVICE_ACCOUNT,
+            "GRPC_SERVICE_ACCOUNT_ISSUER": IDP_ISSUER,
+        },
         issuers=[idp, cp],
-        service_account_patterns=[SA_PATTERN],
+        service_account_patterns=[(IDP_ISSUER, SA_PATTERN)],
         ownership=OwnershipPolicy(rules=rules),
         owner_lookup=OWNERS.get,
         metrics=metrics,

@@ -61,6 +61,7 @@ def _config(
         authenticator=JwtAuthenticator(issuers=[issuer], clock=clock),
         ownership=OwnershipPolicy().with_rules(METHODS),
         owner_lookup=lambda session_id: owners.get(session_id),
+        default_owner_issuer=IDP_ISSUER,
         owner_lookup_inline=inline,
         metrics=metrics or AuthMetrics(),
         token_cache=VerifiedTokenCache(clock=clock, max_ttl=max_ttl),

@@ -36,9 +36,10 @@ def user(name: str, issuer: str | None = "https://idp.test", **claims: object) -
     return Principal(name, CallerKind.USER, issuer=issuer, claims=MappingProxyType(dict(claims)))
 
 
+IDP = "https://idp.test"
 CLASSIFIER = CallerClassifier(
-    service_usernames=frozenset({"svc-backend"}),
-    service_account_patterns=("system:serviceaccount:*:session-*-sa",),
+    service_accounts=frozenset({(IDP, "svc-backend")}),
+    service_account_patterns=((IDP, "system:serviceaccount:*:session-*-sa"),),
     control_plane_issuers=frozenset({CP}),
 )
 
@@ -75,9 +76,7 @@ def test_service_account_patterns(subject: str, service: bool) -> None:
 
 
 def test_patterns_restricted_to_issuers() -> None:
-    classifier = CallerClassifier(
-        service_account_patterns=("system:serviceaccount:*:*",), pattern_issuers=frozenset({K8S})
-    )
+    classifier = CallerClassifier(service_account_patterns=((K8S, "system:serviceaccount:*:*"),))
     subject = "system:serviceaccount:ns:sa"
     assert classifier.classify(user(subject, issuer=K8S)).is_service
     assert not classifier.classify(user(subject, issuer="https://idp.test")).is_service
@@ -134,10 +133,10 @@ def test_session_access_decisions() -> None:
 
 def test_owner_access() -> None:
     alice = user("alice")
-    assert owner_access(alice, "alice") is None
-    assert owner_access(alice, "bob") == "not_owner"
-    assert owner_access(alice, None) == "no_such_session"
-    assert owner_access(alice, "Alice") == "not_owner"
+    assert owner_access(alice, "alice", IDP) is None
+    assert owner_access(alice, "bob", IDP) == "not_owner"
+    assert owner_access(alice, None, IDP) == "no_such_session"
+    assert owner_access(alice, "Alice", IDP) == "not_owner"
 
 
 def test_default_session_service_rules() -> None:

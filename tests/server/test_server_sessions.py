@@ -156,7 +156,7 @@ def _code(fn: object, *args: object) -> grpc.StatusCode:
 
 def test_create_session_records_the_caller_as_owner(env: Env) -> None:
     session_id = env.create("alice")
-    assert env.store.owner_of(session_id) == "alice"
+    assert env.store.owner_of(session_id) == (IDP_ISSUER, "alice")
     got = env.stub.GetSession(
         sessions_pb2.GetSessionRequest(id=session_id), metadata=env.user("alice"), timeout=5
     )
