@@ -39,7 +39,12 @@ from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.serve import start_aio_session_server, start_sync_session_server
 from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.authn import TrustedIssuer
-from ambient_grpc_auth.server.config import API_TOKEN_ENV, SERVICE_ACCOUNT_ENV, ServerAuthConfig
+from ambient_grpc_auth.server.config import (
+    API_TOKEN_ENV,
+    SERVICE_ACCOUNT_ENV,
+    SERVICE_ACCOUNT_ISSUER_ENV,
+    ServerAuthConfig,
+)
 from ambient_grpc_auth.server.jwks import JwksCache
 
 CP_ISSUER = "https://cp.platform.test"
@@ -140,7 +145,11 @@ def address(request: pytest.FixtureRequest, jwks: JwksServer) -> Iterator[str]:
         TrustedIssuer(issuer=IDP_ISSUER, audiences=(AUDIENCE,), keys=JwksCache(jwks.url)),
     ]
     # Our own service account is the very name runner tokens carry.
-    environ = {API_TOKEN_ENV: SERVICE_TOKEN, SERVICE_ACCOUNT_ENV: DEFAULT_USERNAME}
+    environ = {
+        API_TOKEN_ENV: SERVICE_TOKEN,
+        SERVICE_ACCOUNT_ENV: DEFAULT_USERNAME,
+        SERVICE_ACCOUNT_ISSUER_ENV: CP_ISSUER,
+    }
     config = ServerAuthConfig.from_env(
         environ=environ, issuers=issuers, owner_lookup=store.owner_of
     )
