@@ -222,6 +222,7 @@ PUBLIC: dict[str, list[str]] = {
     ],
     "principal": ["CallerKind", "Principal", "current_principal", "principal_scope"],
     "proof": [
+        "DEFAULT_SESSION_ID_RULE",
         "DecodedProof",
         "NONCE_BYTES",
         "SessionIdRule",
