@@ -106,6 +106,7 @@ PUBLIC: dict[str, list[str]] = {
     "client.target": [
         "CA_CERT_FILE_ENV",
         "ChannelConfig",
+        "DEFAULT_PORT",
         "DEFAULT_SERVICE_CA_FILE",
         "DEFAULT_TARGET",
         "GRPC_URL_ENV",
