@@ -166,7 +166,7 @@ def _with_default_port(parsed: ParsedTarget) -> ParsedTarget:
         return parsed
     text = parsed.target
     lower = text.lower()
-    if lower.startswith(("ipv4:", "ipv6:")) or "://" in text and not lower.startswith("dns:"):
+    if lower.startswith(("ipv4:", "ipv6:")) or ("://" in text and not lower.startswith("dns:")):
         return parsed
     host = parsed.hosts[0]
     if lower.startswith("dns:"):
