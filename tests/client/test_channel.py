@@ -425,3 +425,10 @@ def test_process_exits_with_a_channel_left_open() -> None:
 def test_target_without_port_gets_the_default_port(target: str, tls: bool, expected: str) -> None:
     # gRPC would use 443, also for plaintext.
     assert check_target(target, tls=tls).target == expected
+
+
+def test_a_token_string_is_refused_at_once() -> None:
+    for factory in (create_channel, aio_client.create_channel):
+        with pytest.raises(TypeError, match="StaticTokenSource") as info:
+            factory("localhost:9000", "mytoken", tls=False)  # type: ignore[arg-type]
+        assert "mytoken" not in str(info.value)
