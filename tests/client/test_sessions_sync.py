@@ -513,8 +513,10 @@ def test_on_retry_may_stop_the_watch() -> None:
     w = watch(stub, "s", sleep=lambda d: pytest.fail("no wait after giving up"), on_retry=on_retry)
     with pytest.raises(GiveUp):
         next(w)
+    # Closing the watch from the callback ends the iteration instead.
+    holder: list[SessionWatch] = []
     closing = watch(
-        ScriptedStub([], [1]), "s", sleep=lambda d: None, on_retry=lambda e, d: w2.close()
+        ScriptedStub([], [1]), "s", sleep=lambda d: None, on_retry=lambda e, d: holder[0].close()
     )
-    w2 = closing
+    holder.append(closing)
     assert list(closing) == []
