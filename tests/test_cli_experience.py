@@ -248,8 +248,11 @@ def test_watch_without_control_plane_prints_the_cause(keys_dir: Path) -> None:
 
 
 def test_watch_gives_up_when_the_server_does_not_trust_the_issuer(
-    token_server: str, keys_dir: Path, service_token_file: Path, tmp_path: Path
+    keys_dir: Path, service_token_file: Path, tmp_path: Path
 ) -> None:
+    # A control plane of its own, to count the tokens it issues.
+    cp = CliServer(["token-server", "--keys", str(keys_dir), "--listen", "127.0.0.1:0"])
+    token_server = cp.address
     # A session server that trusts no control plane at all.
     server = CliServer(
         [
@@ -280,6 +283,9 @@ def test_watch_gives_up_when_the_server_does_not_trust_the_issuer(
         assert "eyJ" not in "\n".join(lines)
     finally:
         server.stop()
+        _, cp_log = cp.stop()
+    # Not one token per retry for ever: a handful, then the watch stops.
+    assert 3 <= cp_log.count("issued token for session") <= 5, cp_log
 
 
 def test_watch_permission_denied_ends_with_the_reason(
