@@ -13,18 +13,27 @@ import json
 import logging
 import os
 import sys
+import textwrap
+import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
+import jwt
 
 from ambient_grpc_auth import demo
+from ambient_grpc_auth._http import TransportError, request_sync, safe_url, validate_http_url
+from ambient_grpc_auth._locality import check_url_plaintext
+from ambient_grpc_auth._version import __version__
 from ambient_grpc_auth.claims import SESSION_ID_CLAIM
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channel_from_env
 from ambient_grpc_auth.client.env import resume_after_seq_from_env, token_source_from_env
-from ambient_grpc_auth.client.sessions import push, watch
+from ambient_grpc_auth.client.sessions import SessionWatch, push, watch
+from ambient_grpc_auth.client.target import DEFAULT_PORT, GRPC_URL_ENV, USE_TLS_ENV
+from ambient_grpc_auth.controlplane.app import DISCOVERY_PATH
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.keys import KeyPaths, ensure_keys, k8s_secret_manifest
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcSettings
@@ -34,7 +43,8 @@ from ambient_grpc_auth.controlplane.podproof import (
     PodProofSettings,
 )
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, run_token_server
-from ambient_grpc_auth.errors import AmbientAuthError
+from ambient_grpc_auth.errors import AmbientAuthError, ConfigurationError
+from ambient_grpc_auth.proof import DEFAULT_SESSION_ID_RULE
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.serve import run_session_server
 from ambient_grpc_auth.reference.store import SessionStore
@@ -46,6 +56,8 @@ from ambient_grpc_auth.server.authn import (
 )
 from ambient_grpc_auth.server.config import (
     API_TOKEN_ENV,
+    SERVICE_ACCOUNT_ENV,
+    SERVICE_ACCOUNT_ISSUER_ENV,
     OwnerLookup,
     ServerAuthConfig,
 )
@@ -96,11 +108,89 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _trust_spec(text: str) -> tuple[str, str]:
+_KEY_FILE_SUFFIXES = (".pem", ".json", ".jwks", ".key", ".crt")
+
+
+def _looks_like_key_source(text: str) -> bool:
+    lower = text.lower()
+    return (
+        lower.endswith(_KEY_FILE_SUFFIXES)
+        or "/jwks" in lower
+        or ("://" not in lower and os.path.isfile(text))
+    )
+
+
+def _trust_spec(text: str) -> tuple[str, str | None]:
+    """``ISSUER=SOURCE`` or an issuer URL alone (keys found by OIDC discovery).
+
+    Caught here, before anything starts: swapped halves, a SOURCE that is
+    neither an http(s) URL nor an existing file, an issuer that is neither a
+    URL nor a plain name.
+    """
     issuer, sep, source = text.partition("=")
-    if not sep or not issuer or not source:
+    form = "the form is ISSUER=SOURCE (or an issuer URL alone)"
+    if not issuer or (sep and not source):
         raise argparse.ArgumentTypeError(f"expected ISSUER=SOURCE, got {text!r}")
+    if _looks_like_key_source(issuer):
+        raise argparse.ArgumentTypeError(
+            f"{issuer!r} looks like a key source, not an issuer: {form}, issuer first"
+        )
+    if "://" in issuer:
+        try:
+            validate_http_url(issuer, what=f"--trust issuer {issuer!r}")
+        except ConfigurationError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    elif not issuer.isprintable() or any(c.isspace() or c == "/" for c in issuer):
+        raise argparse.ArgumentTypeError(
+            f"issuer {issuer!r} is neither an http(s) URL nor a plain name: {form}"
+        )
+    if not sep:
+        if "://" not in issuer:
+            raise argparse.ArgumentTypeError(
+                f"expected ISSUER=SOURCE, got {text!r}: only an issuer URL may stand "
+                "alone (its /.well-known/openid-configuration names the keys)"
+            )
+        return issuer, None
+    if "://" in source:
+        try:
+            validate_http_url(source, what=f"--trust source {source!r}")
+        except ConfigurationError as exc:
+            raise argparse.ArgumentTypeError(
+                f"{exc}; SOURCE is a JWKS URL, a JWKS JSON file or a PEM public key file"
+            ) from None
+    elif not os.path.isfile(source):
+        raise argparse.ArgumentTypeError(
+            f"--trust source {source!r}: no such file (SOURCE is a JWKS URL, "
+            "a JWKS JSON file or a PEM public key file)"
+        )
     return issuer, source
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in _LOG_LEVELS:
+        choices = ", ".join(_LOG_LEVELS)
+        raise argparse.ArgumentTypeError(f"expected one of {choices} (any case), got {text!r}")
+    return level
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(
+            "expected an integer >= 1 (leave --count out to watch until interrupted)"
+        )
+    return value
+
+
+def _session_arg(text: str) -> str:
+    try:
+        return DEFAULT_SESSION_ID_RULE.check(text, what="--session")
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -201,6 +291,52 @@ def _pod_proof_settings(args: argparse.Namespace) -> PodProofSettings | None:
 # --------------------------------------------------------------------------- session server
 
 
+_DISCOVERY_MAX_BYTES = 256 * 1024
+_DISCOVERY_TIMEOUT = 10.0
+
+
+def _discovered_jwks_uri(issuer: str) -> str:
+    """The ``jwks_uri`` of ``issuer``'s OIDC discovery document
+    (``<issuer>/.well-known/openid-configuration``), whose ``issuer`` must be
+    exactly ``issuer`` (OpenID Connect Discovery 1.0, section 4.3)."""
+    url = issuer.rstrip("/") + DISCOVERY_PATH
+    parts = validate_http_url(url, what=f"discovery URL of issuer {issuer}")
+    check_url_plaintext(
+        parts,
+        allow_remote=False,
+        sending="key discovery requests",
+        what="issuer",
+        allow_flag="--trust ISSUER=SOURCE with a local key file",
+    )
+    shown = safe_url(parts)
+    try:
+        response = request_sync(
+            url,
+            {"Accept": "application/json"},
+            time_limit=_DISCOVERY_TIMEOUT,
+            max_bytes=_DISCOVERY_MAX_BYTES,
+        )
+    except TransportError as exc:
+        _fail(f"cannot fetch the discovery document of {issuer} at {shown}: {exc.description}")
+    if response.status != 200:
+        _fail(f"the discovery document of {issuer} at {shown} answered HTTP {response.status}")
+    try:
+        doc = json.loads(response.body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        _fail(f"{shown} is not an OIDC discovery document (not a JSON object)")
+    if doc.get("issuer") != issuer:
+        _fail(
+            f"the discovery document at {shown} names issuer {doc.get('issuer')!r}, "
+            f"not {issuer!r}: tokens from it would carry that issuer; trust it by that name"
+        )
+    jwks_uri = doc.get("jwks_uri")
+    if not isinstance(jwks_uri, str) or not jwks_uri:
+        _fail(f"the discovery document at {shown} has no jwks_uri")
+    return jwks_uri
+
+
 def _key_source(source: str) -> KeySource:
 
     if source.startswith(("http://", "https://")):
@@ -234,7 +370,7 @@ def _server_auth_config(args: argparse.Namespace, owner_lookup: OwnerLookup) -> 
         TrustedIssuer(
             issuer=issuer,
             audiences=audiences,
-            keys=_key_source(source),
+            keys=_key_source(source if source is not None else _discovered_jwks_uri(issuer)),
             # Only issuers named explicitly mint session-scoped runner tokens;
             # runner claims from any other issuer are ignored (see policy).
             control_plane=issuer in control_planes,
@@ -299,10 +435,75 @@ def _cmd_session_server(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- runner tools
 
 
-def _runner_channel() -> tuple[AuthenticatedChannel, CachingTokenSource]:
+def _runner_channel(args: argparse.Namespace) -> tuple[AuthenticatedChannel, CachingTokenSource]:
 
-    source = token_source_from_env()
-    return create_channel_from_env(source), source
+    allow = bool(getattr(args, "allow_insecure_remote", False))
+    source = token_source_from_env(allow_insecure_remote=allow)
+    # Kept for the hints of a failed call (see _hint).
+    args.token_source = source
+    return create_channel_from_env(source, allow_insecure_remote=allow), source
+
+
+def _own_claims(source: object) -> dict[str, Any] | None:
+    """The claims of the runner's own token, read without verifying it (only
+    to explain a refusal; never printed whole, never the token). Uses the
+    cached token, else fetches one; None when there is none or it is no JWT."""
+    if not isinstance(source, CachingTokenSource):
+        return None
+    token = source.peek()
+    if token is None:
+        try:
+            token = source.get_token()
+        except AmbientAuthError:
+            return None
+    try:
+        claims = jwt.decode(token.value, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _hint(args: argparse.Namespace, code: grpc.StatusCode | None) -> str:
+    """What probably went wrong, from the caller's side. The server's details
+    are fixed strings (saying why would help an attacker); the runner may
+    compare its own token's claims with what it asked for."""
+    session = getattr(args, "session", None)
+    if code is grpc.StatusCode.NOT_FOUND and session:
+        return (
+            f"session {session!r} does not exist on this server "
+            "(create-session prints the id of a new session)"
+        )
+    if code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return ""
+    source = getattr(args, "token_source", None)
+    claims = _own_claims(source)
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        if claims is None:
+            return (
+                "the server did not accept the token; a BOT_TOKEN must equal the "
+                "server's static service token (--service-token-file / AMBIENT_API_TOKEN)"
+            )
+        return (
+            f"the server did not accept a token of issuer {claims.get('iss')!r} for "
+            f"audience {claims.get('aud')!r}: does the session server --trust that "
+            "issuer (and accept that --audience)?"
+        )
+    scope = claims.get(SESSION_ID_CLAIM) if claims is not None else None
+    if isinstance(scope, str) and session and scope != session:
+        return (
+            f"the token is scoped to session {scope!r}, not {session!r}: "
+            "SESSION_ID must be the session you push to or watch"
+        )
+    if isinstance(scope, str) and not session:
+        return f"the token is scoped to session {scope!r} and may only use that session"
+    if isinstance(scope, str):
+        return (
+            "the token is scoped to this session, but the server refused it: is its "
+            "issuer a --control-plane-issuer of the session server?"
+        )
+    if claims is not None and session:
+        return f"{claims.get('sub')!r} does not own session {session!r}"
+    return ""
 
 
 def _message_json(message: object) -> str:
@@ -323,7 +524,7 @@ def _message_json(message: object) -> str:
 
 def _cmd_create_session(args: argparse.Namespace) -> int:
 
-    channel, _ = _runner_channel()
+    channel, _ = _runner_channel(args)
     with channel:
         stub = sessions_pb2_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
         request = sessions_pb2.CreateSessionRequest(name=args.name)
@@ -346,22 +547,79 @@ def _cmd_create_session(args: argparse.Namespace) -> int:
 
 def _cmd_push(args: argparse.Namespace) -> int:
 
-    channel, _ = _runner_channel()
+    channel, _ = _runner_channel(args)
     with channel:
         message = push(channel, args.session, args.event_type, args.payload, timeout=args.timeout)
     print(_message_json(message))
     return 0
 
 
+#: Rejected credentials this many times in a row, each time with a freshly
+#: fetched token: the server will not accept this runner's tokens.
+WATCH_UNAUTHENTICATED_LIMIT = 3
+#: After --timeout, how long the watch may take to wind down (a token fetch
+#: in progress cannot be interrupted) before the process exits anyway.
+_WATCH_STOP_GRACE = 2.0
+
+
+def _failure_text(err: BaseException | None) -> str:
+    if err is None:
+        return "the server ended the stream"
+    if isinstance(err, grpc.Call):
+        code = err.code()
+        return f"{code.name if code is not None else 'UNKNOWN'}: {err.details() or 'call failed'}"
+    return type(err).__name__
+
+
+class _WatchReport:
+    """What ``watch`` tells the user while it retries: the first failure of
+    a streak at once (and each change of failure), one line on stderr; gives
+    up (CommandError) on credentials rejected again and again."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._args = args
+        self._shown: str | None = None
+        self.unauthenticated = 0
+        self.failing: str | None = None
+
+    def delivered(self) -> None:
+        self._shown = None
+        self.failing = None
+        self.unauthenticated = 0
+
+    def on_retry(self, err: BaseException | None, delay: float) -> None:
+        text = _failure_text(err)
+        self.failing = text
+        from_server = isinstance(err, grpc.Call) and getattr(err, "token_error", None) is None
+        if from_server and isinstance(err, grpc.Call):
+            if err.code() is grpc.StatusCode.UNAUTHENTICATED:
+                self.unauthenticated += 1
+            else:
+                self.unauthenticated = 0
+        if self.unauthenticated >= WATCH_UNAUTHENTICATED_LIMIT:
+            hint = _hint(self._args, grpc.StatusCode.UNAUTHENTICATED)
+            _fail(
+                f"UNAUTHENTICATED {self.unauthenticated} times in a row with fresh tokens"
+                + (f": {hint}" if hint else "")
+            )
+        if text != self._shown:
+            self._shown = text
+            print(f"{PROG} watch: {text} (retrying)", file=sys.stderr, flush=True)
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
 
     after = args.after_seq if args.after_seq is not None else resume_after_seq_from_env()
-    channel, _ = _runner_channel()
+    channel, _ = _runner_channel(args)
     received = 0
+    report = _WatchReport(args)
+    timed_out = threading.Event()
     with channel:
-        stream = watch(channel, args.session, after_seq=after)
+        stream = watch(channel, args.session, after_seq=after, on_retry=report.on_retry)
+        timer = _watch_timer(args.timeout, stream, timed_out)
         try:
             for message in stream:
+                report.delivered()
                 if args.json:
                     print(_message_json(message), flush=True)
                 else:
@@ -371,7 +629,45 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                     break
         finally:
             stream.close()
+            if timer is not None:
+                timer.cancel()
+    if timed_out.is_set():
+        if args.count is not None and received < args.count:
+            _fail(_timeout_text(args.timeout, f"{received} of {args.count} messages received"))
+        if report.failing is not None:
+            _fail(_timeout_text(args.timeout, f"last failure: {report.failing}"))
     return 0
+
+
+def _timeout_text(timeout: float, what: str) -> str:
+    return f"DEADLINE_EXCEEDED: --timeout {timeout:g}s reached; {what}"
+
+
+def _watch_timer(
+    timeout: float | None, stream: SessionWatch, timed_out: threading.Event
+) -> threading.Timer | None:
+    """Close ``stream`` after ``timeout`` seconds. A token fetch in progress
+    cannot be interrupted: if the watch has not ended shortly after, the
+    process exits (1) from here, so that --timeout bounds the whole run."""
+    if timeout is None:
+        return None
+
+    def expire() -> None:
+        timed_out.set()
+        stream.close()
+        time.sleep(_WATCH_STOP_GRACE)
+        sys.stdout.flush()
+        print(
+            f"{PROG} watch: error: {_timeout_text(timeout, 'the watch did not stop in time')}",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _rfc3339(moment: float | None) -> str | None:
@@ -382,9 +678,8 @@ def _rfc3339(moment: float | None) -> str | None:
 
 
 def _cmd_fetch_token(args: argparse.Namespace) -> int:
-    import jwt
-
-    token = token_source_from_env().get_token()
+    allow = bool(getattr(args, "allow_insecure_remote", False))
+    token = token_source_from_env(allow_insecure_remote=allow).get_token()
     try:
         claims = jwt.decode(token.value, options={"verify_signature": False})
     except jwt.PyJWTError:
@@ -413,19 +708,210 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(list(args.rest))
 
 
+# --------------------------------------------------------------------------- help texts
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in two lines: the error, and where the full usage is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nusage: see `{self.prog} --help`\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout and shows every real default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+        ):
+            return text
+        if isinstance(default, tuple) and len(default) == 2:  # HOST:PORT
+            return f"{text} (default: {default[0]}:{default[1]})"
+        return f"{text} (default: %(default)s)"
+
+
+_SESSION_HELP = (
+    f"session id: {DEFAULT_SESSION_ID_RULE.describe()} (checked before any network call)"
+)
+_RUNNER_ENV_ROWS = (
+    (GRPC_URL_ENV, "API server HOST:PORT (default ambient-api-server:9000;"),
+    ("", f"a host without a port gets port {DEFAULT_PORT})"),
+    (USE_TLS_ENV, "true/false (default false); without TLS only loopback and"),
+    ("", "cluster-local hosts, unless --allow-insecure-remote"),
+    ("AMBIENT_GRPC_CA_CERT_FILE", "PEM roots for TLS"),
+    ("AMBIENT_CP_TOKEN_URL", "control-plane /token URL; with it, tokens come from the"),
+    ("", "control plane and need AMBIENT_CP_TOKEN_PUBLIC_KEY (PEM)"),
+    ("", "and SESSION_ID (the session this runner runs)"),
+    ("BOT_TOKEN", "static token, used when AMBIENT_CP_TOKEN_URL is unset"),
+    ("", "(last fallback: the pod's service-account token file)"),
+)
+
+
+def _runner_env(*extra: tuple[str, str]) -> str:
+    rows = (*extra, *_RUNNER_ENV_ROWS)
+    return "environment (the runner contract):\n" + "\n".join(
+        f"  {name:<27}{text}" for name, text in rows
+    )
+
+
+_RUNNER_ENV = _runner_env()
+
+#: (group title, commands) for the top-level help, in order.
+_GROUPS = (
+    ("control plane", ("keygen", "token-server")),
+    ("API server", ("session-server",)),
+    ("runner (configured by the runner environment)", ("create-session", "push", "watch")),
+    ("tools", ("fetch-token", "demo")),
+)
+
+#: command -> (description, epilog: examples and environment).
+_DOCS: dict[str, tuple[str, str]] = {
+    "keygen": (
+        "Create the control-plane keys in DIR if missing (never overwritten, mode 0600): "
+        "private.pem (RSA PKCS#1), public.pem (SPKI, what runners get) and signing.pem.",
+        "examples:\n  ambient-grpc-auth keygen --dir ./cp-keys\n"
+        "  ambient-grpc-auth keygen --dir ./cp-keys --k8s-secret --namespace ambient"
+        " | kubectl apply -f -\n\nenvironment: none",
+    ),
+    "token-server": (
+        "Run the control plane's GET /token endpoint (session proof in, short-lived JWT "
+        "out), with /healthz, /.well-known/jwks.json and /.well-known/openid-configuration.",
+        "examples:\n  ambient-grpc-auth token-server --keys ./cp-keys --listen 127.0.0.1:8080\n"
+        "  ambient-grpc-auth token-server --keys /keys --listen 0.0.0.0:8080 "
+        "--issuer https://cp.example\n\nenvironment: none (everything is a flag)",
+    ),
+    "session-server": (
+        "Run the reference ambient.v1.SessionService (SQLite) behind the auth interceptor. "
+        "A port already in use is refused.",
+        "--trust forms:\n"
+        "  ISSUER=SOURCE   SOURCE is a JWKS URL, a JWKS JSON file or a PEM public key file\n"
+        "  ISSUER-URL      the keys are found through ISSUER-URL/.well-known/openid-configuration\n"
+        "\nexamples:\n"
+        "  ambient-grpc-auth session-server --db sessions.db --listen 127.0.0.1:9000 \\\n"
+        "      --trust http://127.0.0.1:8080 --service-token-file service.token\n"
+        "  ambient-grpc-auth session-server --db sessions.db \\\n"
+        "      --trust https://cp.example=https://cp.example/.well-known/jwks.json --aio\n"
+        "\nenvironment:\n"
+        f"  {API_TOKEN_ENV}   static service token (--service-token-file wins)\n"
+        f"  {SERVICE_ACCOUNT_ENV}   username treated as a service caller "
+        "(--service-account wins)\n"
+        f"  {SERVICE_ACCOUNT_ISSUER_ENV}   the issuer that may assert it "
+        "(--service-account-issuer wins)",
+    ),
+    "create-session": (
+        "Create a session on the API server and print it as JSON; its id is what a "
+        "runner's SESSION_ID and --session name. Usually run with the service token "
+        "(BOT_TOKEN): a runner token is scoped to one existing session.",
+        "example:\n"
+        "  BOT_TOKEN=$(cat service.token) ambient-grpc-auth create-session --name demo\n\n"
+        + _RUNNER_ENV,
+    ),
+    "push": (
+        "Push one message to a session and print it as stored (JSON, with its seq). "
+        "Never retried on UNAVAILABLE: the server may have stored it.",
+        'example:\n  ambient-grpc-auth push --session "$SESSION_ID" --event-type assistant '
+        "--payload hello\n\n" + _RUNNER_ENV,
+    ),
+    "watch": (
+        "Print a session's messages (seq, event type, payload), replaying those after "
+        "--after-seq, then live ones, across token expiry, reconnects and server restarts. "
+        "The first failure of a streak is printed at once on stderr; failures that can heal "
+        "(UNAVAILABLE, an unreachable control plane) are retried until --timeout; "
+        "PERMISSION_DENIED, NOT_FOUND, a refused session proof and "
+        f"{WATCH_UNAUTHENTICATED_LIMIT} UNAUTHENTICATED in a row end it with exit 1.",
+        'examples:\n  ambient-grpc-auth watch --session "$SESSION_ID" --json\n'
+        '  ambient-grpc-auth watch --session "$SESSION_ID" --count 3 --timeout 30\n\n'
+        "environment: RESUME_AFTER_SEQ (the default of --after-seq, else 0), and\n" + _RUNNER_ENV,
+    ),
+    "fetch-token": (
+        "Fetch a token the way a runner does and print its issuer, subject, audience, "
+        "session scope and expiry (never the token).",
+        "example:\n  ambient-grpc-auth fetch-token --json\n\n" + _RUNNER_ENV,
+    ),
+}
+
+_RUNNER_COMMANDS = ("create-session", "push", "watch", "fetch-token")
+
+#: Help for options declared without one (so that their defaults show too).
+_OPTION_HELP = {
+    "timeout": "deadline of the call, seconds",
+    "name": "session name",
+    "project": "project id of the session",
+    "event_type": "event type of the message (e.g. assistant, user)",
+    "payload": "message text",
+    "after_seq": "replay messages after this seq",
+    "json": "print JSON",
+    "oidc_token_url": "upstream SSO token URL (client-credentials grant)",
+    "oidc_client_id": "client id at the upstream SSO",
+    "oidc_client_secret_file": "file holding the client secret",
+    "service_account_pattern": "service-account usernames treated as service callers",
+    "tls_cert": "PEM certificate chain (with --tls-key: serve TLS)",
+    "tls_key": "PEM private key of --tls-cert",
+}
+
+
+def _document(parser: argparse.ArgumentParser, sub: Any) -> None:
+    """Group the commands in the top-level help; give each command its
+    description, examples and environment, ``--log-level`` (also accepted
+    after the command) and, for runner commands, ``--allow-insecure-remote``."""
+    summaries = {action.dest: action.help or "" for action in sub._choices_actions}
+    # The grouped list below replaces argparse's flat one.
+    sub._choices_actions.clear()
+    sub.help = "one of the commands below"
+    lines = ["commands:"]
+    for title, names in _GROUPS:
+        lines.append(f"  {title}:")
+        lines += [f"    {name:<16}{summaries.get(name, '')}" for name in names]
+    lines.append(f"\nRun `{PROG} COMMAND --help` for its options, examples and environment.")
+    lines.append("Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.")
+    parser.epilog = "\n".join(lines)
+    for name, command in sub.choices.items():
+        if name not in _DOCS:
+            continue
+        description, command.epilog = _DOCS[name]
+        command.description = textwrap.fill(description, width=79)
+        command.formatter_class = _HelpFormatter
+        for action in command._actions:
+            if action.help is None and action.dest in _OPTION_HELP:
+                action.help = _OPTION_HELP[action.dest]
+        command.add_argument(
+            "--log-level",
+            type=_log_level,
+            default=argparse.SUPPRESS,
+            help="logging level for stderr (also accepted before the command)",
+        )
+        if name in _RUNNER_COMMANDS:
+            command.add_argument(
+                "--allow-insecure-remote",
+                action="store_true",
+                help="allow plaintext (no TLS) to an API server or control plane that is "
+                "neither loopback nor cluster-local",
+            )
+
+
 # --------------------------------------------------------------------------- parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Authentication for ambient session-message gRPC streams.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--log-level",
+        type=_log_level,
         default=None,
         help="logging level for stderr (default: INFO for servers, ERROR for one-shot commands)",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="create the control-plane keys if missing")
@@ -522,17 +1008,25 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_create_session)
 
     p = sub.add_parser("push", help="push one session message (runner environment)")
-    p.add_argument("--session", required=True)
+    p.add_argument("--session", required=True, type=_session_arg, help=_SESSION_HELP)
     p.add_argument("--event-type", required=True)
     p.add_argument("--payload", required=True)
     p.add_argument("--timeout", type=_positive_float, default=10.0)
     p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("watch", help="watch session messages (runner environment)")
-    p.add_argument("--session", required=True)
+    p.add_argument("--session", required=True, type=_session_arg, help=_SESSION_HELP)
     p.add_argument("--after-seq", type=_non_negative_int)
-    p.add_argument("--count", type=_non_negative_int, help="exit 0 after N messages")
+    p.add_argument(
+        "--count", type=_positive_int, help="exit 0 after N messages (N >= 1; default: no limit)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        help="stop after this many seconds; exit 1 if --count was not reached or the "
+        "watch was failing then (default: none)",
+    )
     p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("fetch-token", help="fetch a token as a runner does; print its claims")
@@ -542,6 +1036,7 @@ def _parser() -> argparse.ArgumentParser:
     # The demo parses its own arguments (``demo --help`` shows them).
     p = sub.add_parser("demo", help="the end-to-end demo on loopback", add_help=False)
     p.set_defaults(func=_cmd_demo, delegated=True)
+    _document(parser, sub)
     return parser
 
 
@@ -565,12 +1060,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         name = code.name if code is not None else "UNKNOWN"
         details = exc.details() if isinstance(exc, grpc.Call) else ""
-        print(f"{PROG} {args.command}: error: {name}: {details or 'call failed'}", file=sys.stderr)
+        hint = _hint(args, code) if getattr(exc, "token_error", None) is None else ""
+        line = f"{name}: {details or 'call failed'}" + (f" ({hint})" if hint else "")
+        print(f"{PROG} {args.command}: error: {_cli_wording(line)}", file=sys.stderr)
         return 1
     except (AmbientAuthError, OSError, ValueError) as exc:
         # Our exceptions never carry token material (errors.py).
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {_cli_wording(str(exc))}", file=sys.stderr)
         return 1
+
+
+def _cli_wording(message: str) -> str:
+    """Library messages name the library's switches; here the CLI's apply."""
+    return message.replace("pass allow_insecure_remote=True", "pass --allow-insecure-remote")
 
 
 if __name__ == "__main__":

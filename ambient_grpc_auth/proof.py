@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from ambient_grpc_auth.errors import ConfigurationError, ProofError
 
 __all__ = [
+    "DEFAULT_SESSION_ID_RULE",
     "NONCE_BYTES",
     "POD_TOKEN_HEADER",
     "PROOF_VERSIONS",
@@ -259,6 +260,14 @@ def _parse_versioned(doc: dict[str, Any]) -> DecodedProof:
     return DecodedProof(session_id=sid, version=2, issued_at=ts, nonce=nonce)
 
 
+_PROBLEMS = {
+    "session_id_too_short": "is too short",
+    "session_id_too_long": "is too long",
+    "session_id_charset": "contains whitespace or control characters",
+    "session_id_pattern": "does not match the pattern",
+}
+
+
 @dataclass(frozen=True)
 class SessionIdRule:
     """What counts as a valid session id; violations are ProofError(..., 403).
@@ -289,6 +298,28 @@ class SessionIdRule:
                 ) from None
             object.__setattr__(self, "_compiled", compiled)
 
+    def describe(self) -> str:
+        """The rule in words, for help texts and error messages."""
+        text = f"{self.min_length} to {self.max_length} printable characters, no whitespace"
+        return text + (f", matching {self.pattern}" if self.pattern is not None else "")
+
+    def check(self, session_id: object, *, what: str = "session id") -> str:
+        """Client-side :meth:`validate`: the same rule, but a violation is a
+        :class:`ConfigurationError` naming ``what`` (e.g. ``"SESSION_ID"``),
+        the problem and the rule, so it is caught before any network call.
+        The id itself is never quoted (with it, anyone holding the public key
+        can build a v1 proof)."""
+        if not isinstance(session_id, str):
+            raise ConfigurationError(f"{what} must be a string")
+        try:
+            return self.validate(session_id)
+        except ProofError as exc:
+            problem = _PROBLEMS.get(exc.reason, "is not valid")
+            raise ConfigurationError(
+                f"{what} {problem} ({len(session_id)} characters); "
+                f"a session id has {self.describe()}"
+            ) from None
+
     def validate(self, session_id: str) -> str:
         """Return ``session_id`` if valid; raise ProofError(reason, 403) if not.
 
@@ -305,3 +336,8 @@ class SessionIdRule:
         if self._compiled is not None and not self._compiled.fullmatch(session_id):
             raise ProofError("session_id_pattern", 403)
         return session_id
+
+
+#: The platform's rule, as the control plane applies it by default; runners
+#: check their session id against it before sending a proof.
+DEFAULT_SESSION_ID_RULE = SessionIdRule()

@@ -109,6 +109,7 @@ PUBLIC: dict[str, list[str]] = {
     "client.target": [
         "CA_CERT_FILE_ENV",
         "ChannelConfig",
+        "DEFAULT_PORT",
         "DEFAULT_SERVICE_CA_FILE",
         "DEFAULT_TARGET",
         "GRPC_URL_ENV",
@@ -234,6 +235,7 @@ PUBLIC: dict[str, list[str]] = {
     ],
     "principal": ["CallerKind", "Identity", "Principal", "current_principal", "principal_scope"],
     "proof": [
+        "DEFAULT_SESSION_ID_RULE",
         "DecodedProof",
         "NONCE_BYTES",
         "POD_TOKEN_HEADER",

@@ -43,6 +43,7 @@ __all__ = [
     "as_token_error",
     "check_after_seq",
     "check_session_id",
+    "check_token_source",
     "full_jitter_delay",
     "interceptor_state",
     "is_replayable",
@@ -51,6 +52,7 @@ __all__ = [
     "session_stub",
     "status_code_of",
     "token_error_code",
+    "token_unavailable_details",
     "with_authorization",
 ]
 
@@ -66,7 +68,8 @@ CALL_DETAIL_FIELDS = (
 )
 
 # Local status details for a call that never left the process because no token
-# could be obtained. The TokenUnavailableError is chained as __cause__.
+# could be obtained (followed by the cause, see token_unavailable_details). The
+# TokenUnavailableError is chained as __cause__.
 TOKEN_UNAVAILABLE_DETAILS = "could not obtain an access token"  # noqa: S105 (a message)
 
 _MetadataPair = tuple[str, str | bytes]
@@ -121,6 +124,40 @@ def as_token_error(exc: BaseException) -> TokenUnavailableError:
     )
     err.__cause__ = exc
     return err
+
+
+def check_token_source(token_source: object) -> TokenSource:
+    """``token_source`` if it is a :class:`TokenSource`; TypeError otherwise.
+
+    A bare string is the likely mistake (a token where its source belongs):
+    it would otherwise fail only at the first call. The message never quotes
+    the value (it may be a token).
+    """
+    if isinstance(token_source, TokenSource):
+        return token_source
+    hint = (
+        ": wrap a fixed token in StaticTokenSource(token)"
+        if isinstance(token_source, str | bytes)
+        else ""
+    )
+    raise TypeError(
+        f"token_source must be a TokenSource (get_token/get_token_async), "
+        f"not {type(token_source).__name__}{hint}"
+    )
+
+
+def token_unavailable_details(exc: TokenUnavailableError) -> str:
+    """Status details for a call not sent for lack of a token:
+    ``could not obtain an access token: <cause>``.
+
+    The cause is the error's message, which by the hierarchy's contract holds
+    no token, proof or key material (endpoint, HTTP status, scrubbed body
+    excerpt). These details stay in the process: they are never sent to a
+    peer. Without the cause, a wrong URL and an unreachable control plane
+    would read the same.
+    """
+    cause = str(exc).strip()
+    return f"{TOKEN_UNAVAILABLE_DETAILS}: {cause}" if cause else TOKEN_UNAVAILABLE_DETAILS
 
 
 def token_error_code(exc: TokenUnavailableError) -> grpc.StatusCode:
@@ -415,7 +452,7 @@ class InterceptorState:
         retry_unauthenticated: bool,
         lock: AbstractContextManager[Any],
     ) -> None:
-        self._source = token_source
+        self._source = check_token_source(token_source)
         self._invalidate: Callable[[Token], None] | None = (
             token_source.invalidate if isinstance(token_source, RefreshableTokenSource) else None
         )

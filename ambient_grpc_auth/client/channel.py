@@ -42,7 +42,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from ambient_grpc_auth.client._core import plaintext_channel_options
+from ambient_grpc_auth.client._core import check_token_source, plaintext_channel_options
 from ambient_grpc_auth.client._unary import DirectUnaryUnary
 from ambient_grpc_auth.client.env import token_source_from_env
 from ambient_grpc_auth.client.interceptor import AuthInterceptor
@@ -218,8 +218,11 @@ def create_channel(
     docs). ``options`` are passed to gRPC (e.g. ``grpc.max_reconnect_backoff_ms``
     to bound how long a restarted server stays unnoticed). No connection is
     made here. Raises :class:`ConfigurationError` for a malformed target, a
-    refused plaintext target, or ``root_certificates`` without TLS.
+    refused plaintext target, or ``root_certificates`` without TLS, and
+    TypeError when ``token_source`` is not a ``TokenSource`` (a token string
+    goes in ``StaticTokenSource(token)``).
     """
+    check_token_source(token_source)  # before any channel exists
     parsed = check_target(target, tls=tls, allow_insecure_remote=allow_insecure_remote)
     if root_certificates is not None and not tls:
         raise ConfigurationError("root_certificates are only used with tls=True")

@@ -80,9 +80,11 @@ from ambient_grpc_auth.client.tokens import Token, jwt_expiry
 from ambient_grpc_auth.controlplane.keys import load_public_key
 from ambient_grpc_auth.errors import ConfigurationError, KeyFileError, TokenUnavailableError
 from ambient_grpc_auth.proof import (
+    DEFAULT_SESSION_ID_RULE,
     POD_TOKEN_HEADER,
     PROOF_VERSIONS_FIELD,
     PROOF_VERSIONS_HEADER,
+    SessionIdRule,
     encrypt_v1,
     encrypt_v2,
     parse_proof_versions,
@@ -146,7 +148,11 @@ class ControlPlaneTokenSource:
     ``d = min(backoff_cap, backoff_base * 2**(n-1))``. ``sleep`` and
     ``async_sleep`` are injectable for tests. ``allow_insecure_remote``
     permits plain ``http`` to a host that is not loopback or cluster-local
-    (see the module docs).
+    (see the module docs). ``session_id`` must satisfy ``session_id_rule``
+    (default: the control plane's default
+    :class:`~ambient_grpc_auth.proof.SessionIdRule`, at least 8 printable
+    characters and no whitespace; pass the rule the control plane runs with
+    if it is stricter); ``session_id_name`` is how errors name it.
 
     Every call performs a fetch: wrap the source in a
     :class:`~ambient_grpc_auth.client.caching.CachingTokenSource`. Environment
@@ -176,6 +182,8 @@ class ControlPlaneTokenSource:
         async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         rng: random.Random | None = None,
         allow_insecure_remote: bool = False,
+        session_id_rule: SessionIdRule = DEFAULT_SESSION_ID_RULE,
+        session_id_name: str = "session id",
     ) -> None:
         self._parts = validate_http_url(url, what="control-plane token URL")
         check_url_plaintext(
@@ -203,8 +211,9 @@ class ControlPlaneTokenSource:
             )
         if not isinstance(session_id, str) or not session_id.strip():
             raise ConfigurationError("session id is empty")
-        if not session_id.isprintable() or any(c.isspace() for c in session_id):
-            raise ConfigurationError("session id contains whitespace or control characters")
+        # The control plane's own rule, checked here so that a bad id fails
+        # at start instead of as a 403 at every fetch.
+        session_id_rule.check(session_id, what=session_id_name)
         if not (timeout > 0 and math.isfinite(timeout)) or attempts < 1:
             raise ConfigurationError("timeout must be positive and attempts at least 1")
         if backoff_base < 0 or backoff_cap < backoff_base or max_response_bytes < 1:
@@ -276,6 +285,7 @@ class ControlPlaneTokenSource:
             timeout=timeout,
             attempts=attempts,
             allow_insecure_remote=allow_insecure_remote,
+            session_id_name=SESSION_ID_ENV,
         )
 
     def __repr__(self) -> str:

@@ -32,6 +32,7 @@ def token_source_from_env(
     *,
     clock: Clock = SYSTEM_CLOCK,
     service_account_token_path: str = DEFAULT_SERVICE_ACCOUNT_TOKEN_PATH,
+    allow_insecure_remote: bool = False,
 ) -> CachingTokenSource:
     """The runner's token source, chosen by the environment contract and
     wrapped in a :class:`~ambient_grpc_auth.client.caching.CachingTokenSource`:
@@ -43,13 +44,17 @@ def token_source_from_env(
     2. else ``BOT_TOKEN`` (local development);
     3. else the service-account token file, if it exists.
 
-    Raises :class:`ConfigurationError` when nothing is configured or the
-    chosen source's settings are invalid. No network traffic happens here.
+    ``allow_insecure_remote`` lets the control-plane source use plain http
+    to a host that is neither loopback nor cluster-local. Raises
+    :class:`ConfigurationError` when nothing is configured or the chosen
+    source's settings are invalid. No network traffic happens here.
     """
     env = os.environ if environ is None else environ
     source: TokenSource
     if env.get(CP_TOKEN_URL_ENV, "").strip():
-        source = ControlPlaneTokenSource.from_env(env, clock=clock)
+        source = ControlPlaneTokenSource.from_env(
+            env, clock=clock, allow_insecure_remote=allow_insecure_remote
+        )
     elif env.get(BOT_TOKEN_ENV, "").strip():
         source = EnvTokenSource.from_env(BOT_TOKEN_ENV, environ=env)
     elif os.path.isfile(service_account_token_path):

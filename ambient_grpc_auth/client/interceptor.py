@@ -51,13 +51,13 @@ import grpc
 
 from ambient_grpc_auth._bearer import authorization_metadata
 from ambient_grpc_auth.client._core import (
-    TOKEN_UNAVAILABLE_DETAILS,
     AuthInterceptorBase,
     InterceptorState,
     as_token_error,
     is_replayable,
     status_code_of,
     token_error_code,
+    token_unavailable_details,
 )
 from ambient_grpc_auth.client._retry import UnaryRetry
 from ambient_grpc_auth.client.tokens import Token, TokenSource
@@ -121,11 +121,14 @@ class TokenUnavailableRpcError(grpc.RpcError, grpc.Call, _Future):
 
     Behaves like a finished, failed call of any shape: ``code()`` is
     UNAVAILABLE when ``token_error.retryable`` else UNAUTHENTICATED;
-    ``details()`` is fixed; ``result()`` and iteration raise it.
+    ``details()`` is ``could not obtain an access token: <cause>`` (the
+    token error's message, never token material); ``result()`` and iteration
+    raise it.
     """
 
     def __init__(self, token_error: TokenUnavailableError) -> None:
-        super().__init__(TOKEN_UNAVAILABLE_DETAILS)
+        self._details = token_unavailable_details(token_error)
+        super().__init__(self._details)
         self.token_error = token_error
         self.__cause__ = token_error
         self._code = token_error_code(token_error)
@@ -141,7 +144,7 @@ class TokenUnavailableRpcError(grpc.RpcError, grpc.Call, _Future):
         return self._code
 
     def details(self) -> str:
-        return TOKEN_UNAVAILABLE_DETAILS
+        return self._details
 
     def initial_metadata(self) -> Any:
         return ()
@@ -469,8 +472,9 @@ class _BearerAuthPlugin(grpc.AuthMetadataPlugin):
         try:
             token = self._source.get_token()
         except Exception as exc:
-            _log.warning("call credentials: %s", as_token_error(exc))
-            callback((), _CallCredentialsError(TOKEN_UNAVAILABLE_DETAILS))
+            error = as_token_error(exc)
+            _log.warning("call credentials: %s", error)
+            callback((), _CallCredentialsError(token_unavailable_details(error)))
             return
         callback((authorization_metadata(token.value),), None)
 
@@ -492,8 +496,7 @@ def bearer_call_credentials(token_source: TokenSource) -> grpc.CallCredentials:
     - the plugin uses ``get_token()`` (also on grpc.aio channels);
     - no UNAUTHENTICATED retry and no reconnect detection.
 
-    When no token can be obtained the call fails with UNAVAILABLE and fixed
-    details ("... could not obtain an access token"); the reason is logged,
-    the token never.
+    When no token can be obtained the call fails with UNAVAILABLE and details
+    "... could not obtain an access token: <cause>"; the token never appears.
     """
     return grpc.metadata_call_credentials(_BearerAuthPlugin(token_source), name="ambient-bearer")

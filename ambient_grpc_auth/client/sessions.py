@@ -105,8 +105,10 @@ class SessionWatch(Iterator[sessions_pb2.SessionMessage]):
         sleep: Callable[[float], object] | None,
         random: Callable[[], float],
         clock: Clock,
+        on_retry: Callable[[BaseException | None, float], object] | None = None,
     ) -> None:
         self._stub = stub
+        self._on_retry = on_retry
         self._session_id = session_id
         self._state = WatchState(policy, after_seq)
         self._metadata = tuple(metadata)
@@ -197,7 +199,9 @@ class SessionWatch(Iterator[sessions_pb2.SessionMessage]):
             self._state.last_seq,
             decision.delay,
         )
-        if decision.delay > 0:
+        if self._on_retry is not None:
+            self._on_retry(err, decision.delay)
+        if decision.delay > 0 and not self._closed.is_set():
             self._sleep(decision.delay)
 
     def __next__(self) -> sessions_pb2.SessionMessage:
@@ -243,6 +247,7 @@ def watch(
     sleep: Callable[[float], object] | None = None,
     random: Callable[[], float] = _random.random,
     clock: Clock = SYSTEM_CLOCK,
+    on_retry: Callable[[BaseException | None, float], object] | None = None,
 ) -> SessionWatch:
     """Watch ``session_id``'s messages with ``seq > after_seq`` (module docs).
 
@@ -252,8 +257,14 @@ def watch(
     ``resume_after_seq_from_env()`` (from :mod:`ambient_grpc_auth.client.env`)
     to honour ``RESUME_AFTER_SEQ``.
     ``sleep`` (default: a wait that :meth:`SessionWatch.close` interrupts),
-    ``random`` and ``clock`` are injectable for tests. No call is made until
-    the first ``next()``. Raises ValueError/TypeError for bad arguments.
+    ``random`` and ``clock`` are injectable for tests. ``on_retry(err,
+    delay)``, if set, is called before each backoff with the error that
+    ended the stream (None: the server ended it normally) and the delay about
+    to be waited, so that a caller can report a failure at once (the watch
+    itself only logs at INFO); an exception it raises propagates out of
+    ``next()``, and calling :meth:`SessionWatch.close` from it ends the
+    iteration. No call is made until the first ``next()``. Raises
+    ValueError/TypeError for bad arguments.
     """
     return SessionWatch(
         _stub(stub_or_channel),
@@ -265,6 +276,7 @@ def watch(
         sleep=sleep,
         random=random,
         clock=clock,
+        on_retry=on_retry,
     )
 
 

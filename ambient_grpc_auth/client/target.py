@@ -24,6 +24,7 @@ from ambient_grpc_auth.errors import ConfigurationError
 
 __all__ = [
     "CA_CERT_FILE_ENV",
+    "DEFAULT_PORT",
     "DEFAULT_SERVICE_CA_FILE",
     "DEFAULT_TARGET",
     "GRPC_URL_ENV",
@@ -38,7 +39,8 @@ __all__ = [
 GRPC_URL_ENV = "AMBIENT_GRPC_URL"
 USE_TLS_ENV = "AMBIENT_GRPC_USE_TLS"
 CA_CERT_FILE_ENV = "AMBIENT_GRPC_CA_CERT_FILE"
-DEFAULT_TARGET = "ambient-api-server:9000"
+DEFAULT_PORT = 9000
+DEFAULT_TARGET = f"ambient-api-server:{DEFAULT_PORT}"
 DEFAULT_SERVICE_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/service-ca.crt"
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -156,8 +158,34 @@ def parse_target(target: str) -> ParsedTarget:
     return ParsedTarget(text, (host,), port, host_locality(host))
 
 
+def _with_default_port(parsed: ParsedTarget) -> ParsedTarget:
+    # gRPC's own default port is 443 whatever the transport: a plaintext
+    # channel to "host" would knock on the TLS port. The API server's port is
+    # the platform's default instead.
+    if parsed.port is not None or len(parsed.hosts) != 1:
+        return parsed
+    text = parsed.target
+    lower = text.lower()
+    if lower.startswith(("ipv4:", "ipv6:")) or ("://" in text and not lower.startswith("dns:")):
+        return parsed
+    host = parsed.hosts[0]
+    if lower.startswith("dns:"):
+        prefix = text[: len(text) - len(text.rsplit("/", 1)[-1])] if "//" in text else text[:4]
+        rest = text[len(prefix) :]
+        shown = f"[{host}]" if ":" in host and not rest.startswith("[") else rest
+        return ParsedTarget(
+            f"{prefix}{shown}:{DEFAULT_PORT}", parsed.hosts, DEFAULT_PORT, parsed.locality
+        )
+    shown = f"[{host}]" if ":" in host else host
+    return ParsedTarget(f"{shown}:{DEFAULT_PORT}", parsed.hosts, DEFAULT_PORT, parsed.locality)
+
+
 def check_target(target: str, *, tls: bool, allow_insecure_remote: bool = False) -> ParsedTarget:
     """Parse ``target`` and apply the plaintext policy (see the module docs).
+
+    A host (or ``dns:`` name) without a port gets :data:`DEFAULT_PORT`
+    (9000, the API server's port) in the returned ``target``, with or
+    without TLS; gRPC's own default would be 443.
 
     Raises :class:`ConfigurationError` when the target is malformed, or when
     ``tls`` is False, the target is not loopback or cluster-local and
@@ -173,7 +201,7 @@ def check_target(target: str, *, tls: bool, allow_insecure_remote: bool = False)
         enable_tls=f"enable TLS ({USE_TLS_ENV}=true / tls=True)",
         allow_flag="allow_insecure_remote=True",
     )
-    return parsed
+    return _with_default_port(parsed)
 
 
 def _parse_bool(name: str, raw: str) -> bool:

@@ -11,8 +11,11 @@ together, so the CLI, the demo and the soak run all start the same server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -74,14 +77,62 @@ def _add_reflection(server: grpc.Server | grpc.aio.Server) -> None:
     )
 
 
+#: gRPC binds with SO_REUSEPORT by default: a second server on the same port
+#: would then start silently and take half of the connections (and, with its
+#: own database, half of the sessions). Refuse a port in use instead.
+_SERVER_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.so_reuseport", 0),)
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit():
+        return None
+    return host.strip("[]"), int(port_text)
+
+
+def _port_in_use(address: str) -> bool:
+    """True when some socket already listens on ``address`` (HOST:PORT).
+
+    Checked before gRPC binds, so the refusal is one clear line rather than
+    gRPC's own log output. Port 0 and unparsable addresses are left to gRPC.
+    """
+    split = _split_address(address)
+    if split is None or split[1] == 0:
+        return False
+    host, port = split
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return False  # gRPC reports unresolvable hosts itself
+    for family, kind, proto, _, sockaddr in infos:
+        with contextlib.closing(socket.socket(family, kind, proto)) as probe:
+            # The same options gRPC uses (SO_REUSEADDR, no SO_REUSEPORT): a
+            # port in TIME_WAIT is free, a listening one is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def _bind(
     server: grpc.Server | grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None
 ) -> int:
-    port = (
-        server.add_secure_port(address, creds)
-        if creds is not None
-        else server.add_insecure_port(address)
-    )
+    in_use = f"cannot listen on {address}: address already in use (another server on that port?)"
+    if _port_in_use(address):
+        raise OSError(in_use)
+    try:
+        port = (
+            server.add_secure_port(address, creds)
+            if creds is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:  # grpcio >= 1.50 raises instead of returning 0
+        port = 0
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return port
@@ -120,7 +171,7 @@ def start_sync_session_server(
     get UNIMPLEMENTED)."""
     interceptor = ServerAuthInterceptor(config=config)
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ambient-rpc")
-    server = grpc.server(pool, interceptors=[interceptor])
+    server = grpc.server(pool, interceptors=[interceptor], options=_SERVER_OPTIONS)
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(store), server)  # type: ignore[no-untyped-call]
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
@@ -144,7 +195,7 @@ async def start_aio_session_server(
     """Start a ``grpc.aio`` server; the caller awaits ``server.stop(grace)``.
     ``reflection`` as for :func:`start_sync_session_server`."""
     interceptor = AioServerAuthInterceptor(config=config)
-    server = grpc.aio.server(interceptors=(interceptor,))
+    server = grpc.aio.server(interceptors=(interceptor,), options=_SERVER_OPTIONS)
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(AsyncSessionServicer(store), server)  # type: ignore[no-untyped-call]
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
@@ -191,6 +242,9 @@ def run_session_server(
             pass
         _log.info("session server shutting down")
     finally:
+        # Open watches end with UNAVAILABLE (clients resume) before the
+        # grace period, rather than being cancelled when it runs out.
+        store.end_watches()
         running.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
@@ -213,4 +267,7 @@ async def _run_aio(
         await wait_for_stop_signal()
         _log.info("session server shutting down")
     finally:
+        # Cancelled handlers make grpc.aio log a CancelledError traceback per
+        # open watch: end them first, so that stop() finds none running.
+        store.end_watches()
         await server.stop(SHUTDOWN_GRACE_SECONDS)

@@ -494,6 +494,14 @@ class SessionStore:
         """Open subscriptions on ``session_id`` (all sessions when None)."""
         return self._hub.count(session_id)
 
+    def end_watches(self) -> None:
+        """End every subscription (waiters wake with ``hub_closed`` set, so
+        watches finish with UNAVAILABLE and clients resume elsewhere) and
+        refuse new ones; the database stays open for calls in flight. For a
+        clean server shutdown: open watches end on their own instead of being
+        cancelled. Idempotent, thread-safe."""
+        self._hub.close()
+
     def close(self) -> None:
         """End every subscription (waiters wake with ``hub_closed`` set), then
         close the database. Idempotent; later calls raise UNAVAILABLE."""

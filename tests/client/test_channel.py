@@ -373,3 +373,28 @@ def test_process_exits_with_a_channel_left_open() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() in {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+
+
+@pytest.mark.parametrize(
+    ("target", "tls", "expected"),
+    [
+        ("localhost", False, "localhost:9000"),
+        ("ambient-api-server", False, "ambient-api-server:9000"),
+        ("::1", False, "[::1]:9000"),
+        ("[::1]", False, "[::1]:9000"),
+        ("dns:///localhost", False, "dns:///localhost:9000"),
+        ("api.example.com", True, "api.example.com:9000"),
+        ("localhost:5", False, "localhost:5"),
+        ("unix:/run/api.sock", False, "unix:/run/api.sock"),
+    ],
+)
+def test_target_without_port_gets_the_default_port(target: str, tls: bool, expected: str) -> None:
+    # gRPC would use 443, also for plaintext.
+    assert check_target(target, tls=tls).target == expected
+
+
+def test_a_token_string_is_refused_at_once() -> None:
+    for factory in (create_channel, aio_client.create_channel):
+        with pytest.raises(TypeError, match="StaticTokenSource") as info:
+            factory("localhost:9000", "mytoken", tls=False)  # type: ignore[arg-type]
+        assert "mytoken" not in str(info.value)

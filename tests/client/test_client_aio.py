@@ -363,7 +363,9 @@ async def test_no_token_fails_every_shape_locally(
                 await attempt()
             assert isinstance(err.value, TokenUnavailableRpcError)
             assert err.value.code() is code
-            assert err.value.details() == "could not obtain an access token"
+            assert (
+                err.value.details() == f"could not obtain an access token: {err.value.token_error}"
+            )
             assert isinstance(err.value.__cause__, TokenUnavailableError)
             assert err.value.token_error.retryable is retryable
         call = stub.Echo(R(text="u"))

@@ -375,7 +375,9 @@ def test_no_token_fails_every_shape_locally(
                 attempt()
             assert isinstance(err.value, TokenUnavailableRpcError)
             assert err.value.code() is code
-            assert err.value.details() == "could not obtain an access token"
+            assert (
+                err.value.details() == f"could not obtain an access token: {err.value.token_error}"
+            )
             assert isinstance(err.value.__cause__, TokenUnavailableError)
             assert err.value.token_error.retryable is retryable
         assert server.auth.seen == []  # nothing left the process

@@ -23,7 +23,7 @@ from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.keys import ensure_keys
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenUnavailableError
-from ambient_grpc_auth.proof import decode_proof
+from ambient_grpc_auth.proof import SessionIdRule, decode_proof
 from ambient_grpc_auth.testing import FakeClock
 
 SESSION = "session-0123456789"
@@ -443,6 +443,15 @@ def test_other_configuration_errors(public_pem: str, rsa_key: rsa.RSAPrivateKey)
         assert not bad.strip() or bad not in str(info.value)
     with pytest.raises(ConfigurationError, match="too long"):
         ControlPlaneTokenSource(url, public_pem, "s" * 400)  # does not fit RSA-2048 OAEP
+    # The control plane's session-id rule, checked before any request.
+    with pytest.raises(ConfigurationError, match="too short") as info:
+        ControlPlaneTokenSource(url, public_pem, "abc1234")
+    assert "at least 8" in str(info.value) or "8 to 256" in str(info.value)
+    assert "abc1234" not in str(info.value)
+    env = {"AMBIENT_CP_TOKEN_URL": url, "AMBIENT_CP_TOKEN_PUBLIC_KEY": public_pem}
+    with pytest.raises(ConfigurationError, match="^SESSION_ID is too short"):
+        ControlPlaneTokenSource.from_env({**env, "SESSION_ID": "abc"})
+    ControlPlaneTokenSource(url, public_pem, "12345678")  # exactly the minimum
     with pytest.raises(ConfigurationError, match="proof"):
         ControlPlaneTokenSource(url, public_pem, SESSION, proof="v3")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
@@ -508,7 +517,11 @@ async def test_against_token_server(
 
 async def test_token_server_refusals(token_server: tuple[RunningTokenServer, str]) -> None:
     server, pem = token_server
-    short = ControlPlaneTokenSource(server.token_url, pem, "short", proof="v1")
+    # The server's own refusal (the client checks the same rule by default).
+    lenient = SessionIdRule(min_length=1)
+    short = ControlPlaneTokenSource(
+        server.token_url, pem, "short", proof="v1", session_id_rule=lenient
+    )
     with pytest.raises(TokenUnavailableError) as info:
         await short.get_token_async()
     assert info.value.status == 403

@@ -390,3 +390,23 @@ async def test_watch_against_the_aio_reference_server_across_a_restart(tmp_path:
         await channel.close()
         await server.stop(None)
         store.close()
+
+
+async def test_on_retry_reports_each_failure_before_its_backoff() -> None:
+    seen: list[tuple[grpc.StatusCode | None, float]] = []
+    delays: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        delays.append(delay)
+
+    def on_retry(err: BaseException | None, delay: float) -> None:
+        assert len(delays) == len(seen)
+        seen.append((err.code() if isinstance(err, grpc.aio.AioRpcError) else None, delay))
+
+    stub = ScriptedStub([1, grpc.StatusCode.UNAVAILABLE], [], [2])
+    w = watch(stub, "s", sleep=fake_sleep, random=lambda: 0.5, on_retry=on_retry)
+    assert await _take(w, 2) == [1, 2]
+    assert seen == [
+        (grpc.StatusCode.UNAVAILABLE, pytest.approx(0.05)),
+        (None, pytest.approx(0.1)),
+    ]

@@ -483,3 +483,40 @@ def test_context_manager_closes() -> None:
         assert next(w).seq == 1
     assert stub.calls[0].cancelled
     assert list(w) == []
+
+
+def test_on_retry_reports_each_failure_before_its_backoff() -> None:
+    seen: list[tuple[grpc.StatusCode | None, float]] = []
+    delays: list[float] = []
+
+    def on_retry(err: BaseException | None, delay: float) -> None:
+        assert len(delays) == len(seen)  # called before the wait, not after
+        seen.append((err.code() if isinstance(err, ScriptedError) else None, delay))
+
+    stub = ScriptedStub([1, ScriptedError(grpc.StatusCode.UNAVAILABLE)], [], [2])
+    w = watch(stub, "s", sleep=delays.append, random=lambda: 0.5, on_retry=on_retry)
+    assert _take(w, 2) == [1, 2]
+    assert seen == [
+        (grpc.StatusCode.UNAVAILABLE, pytest.approx(0.05)),
+        (None, pytest.approx(0.1)),
+    ]
+
+
+def test_on_retry_may_stop_the_watch() -> None:
+    class GiveUp(Exception):
+        pass
+
+    def on_retry(err: BaseException | None, delay: float) -> None:
+        raise GiveUp
+
+    stub = ScriptedStub([ScriptedError(grpc.StatusCode.UNAVAILABLE)], [1])
+    w = watch(stub, "s", sleep=lambda d: pytest.fail("no wait after giving up"), on_retry=on_retry)
+    with pytest.raises(GiveUp):
+        next(w)
+    # Closing the watch from the callback ends the iteration instead.
+    holder: list[SessionWatch] = []
+    closing = watch(
+        ScriptedStub([], [1]), "s", sleep=lambda d: None, on_retry=lambda e, d: holder[0].close()
+    )
+    holder.append(closing)
+    assert list(closing) == []

@@ -12,6 +12,7 @@ import grpc
 import grpc.aio
 
 from ambient_grpc_auth.client._core import (
+    check_token_source,
     plaintext_channel_options,
 )
 from ambient_grpc_auth.client.aio._unary import DirectAioUnaryUnary
@@ -163,6 +164,7 @@ def create_channel(
     running event loop when ``watch_reconnects`` is True (RuntimeError
     otherwise).
     """
+    check_token_source(token_source)  # before any channel exists
     parsed = check_target(target, tls=tls, allow_insecure_remote=allow_insecure_remote)
     if root_certificates is not None and not tls:
         raise ConfigurationError("root_certificates are only used with tls=True")

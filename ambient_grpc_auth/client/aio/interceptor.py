@@ -45,11 +45,11 @@ import grpc
 import grpc.aio
 
 from ambient_grpc_auth.client._core import (
-    TOKEN_UNAVAILABLE_DETAILS,
     AuthInterceptorBase,
     InterceptorState,
     is_replayable,
     token_error_code,
+    token_unavailable_details,
     with_authorization,
 )
 from ambient_grpc_auth.client._retry import UnaryRetry
@@ -72,7 +72,8 @@ class TokenUnavailableRpcError(grpc.aio.AioRpcError):
     """Raised for a call that was not sent because no token was obtained.
 
     ``code()`` is UNAVAILABLE when ``token_error.retryable`` else
-    UNAUTHENTICATED; ``details()`` is fixed; the
+    UNAUTHENTICATED; ``details()`` is ``could not obtain an access token:
+    <cause>`` (never token material); the
     :class:`~ambient_grpc_auth.errors.TokenUnavailableError` is ``token_error``
     and ``__cause__``.
     """
@@ -82,7 +83,7 @@ class TokenUnavailableRpcError(grpc.aio.AioRpcError):
             token_error_code(token_error),
             grpc.aio.Metadata(),
             grpc.aio.Metadata(),
-            details=TOKEN_UNAVAILABLE_DETAILS,
+            details=token_unavailable_details(token_error),
         )
         self.token_error = token_error
         self.__cause__ = token_error

@@ -75,8 +75,10 @@ class SessionWatch:
         sleep: Callable[[float], Awaitable[object]] | None,
         random: Callable[[], float],
         clock: Clock,
+        on_retry: Callable[[BaseException | None, float], object] | None = None,
     ) -> None:
         self._stub = stub
+        self._on_retry = on_retry
         self._session_id = session_id
         self._state = WatchState(policy, after_seq)
         self._metadata = tuple(metadata)
@@ -168,7 +170,9 @@ class SessionWatch:
             self._state.last_seq,
             decision.delay,
         )
-        if decision.delay > 0:
+        if self._on_retry is not None:
+            self._on_retry(err, decision.delay)
+        if decision.delay > 0 and not self._closed.is_set():
             await self._sleep(decision.delay)
 
     async def __anext__(self) -> sessions_pb2.SessionMessage:
@@ -222,10 +226,12 @@ def watch(
     sleep: Callable[[float], Awaitable[object]] | None = None,
     random: Callable[[], float] = _random.random,
     clock: Clock = SYSTEM_CLOCK,
+    on_retry: Callable[[BaseException | None, float], object] | None = None,
 ) -> SessionWatch:
     """Watch ``session_id``'s messages with ``seq > after_seq`` (see
     :func:`ambient_grpc_auth.client.sessions.watch`); ``stub_or_channel`` is a
-    ``grpc.aio.Channel`` or a stub built on one, ``sleep`` an async callable.
+    ``grpc.aio.Channel`` or a stub built on one, ``sleep`` an async callable,
+    ``on_retry`` a plain (not async) callable as in the sync watch.
     Must be iterated on the loop the channel belongs to."""
     return SessionWatch(
         _stub(stub_or_channel),
@@ -237,6 +243,7 @@ def watch(
         sleep=sleep,
         random=random,
         clock=clock,
+        on_retry=on_retry,
     )
 
 
