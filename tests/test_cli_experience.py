@@ -62,6 +62,8 @@ def session_server(
             "127.0.0.1:0",
             "--trust",
             token_server,
+            "--control-plane-issuer",
+            token_server,
             "--service-token-file",
             str(service_token_file),
         ]

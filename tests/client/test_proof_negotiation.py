@@ -40,7 +40,12 @@ from ambient_grpc_auth.client.tokens import Token
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.podproof import PodProofSettings
 from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenUnavailableError
-from ambient_grpc_auth.proof import POD_TOKEN_HEADER, PROOF_VERSIONS_HEADER, decode_proof
+from ambient_grpc_auth.proof import (
+    POD_TOKEN_HEADER,
+    PROOF_VERSIONS_HEADER,
+    SessionIdRule,
+    decode_proof,
+)
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.jwks import JwksCache
 from ambient_grpc_auth.testing import FakeIssuer
@@ -211,7 +216,11 @@ async def test_platform_cp_gets_v1_and_a_plain_session_id(
 
 async def test_platform_cp_refusals_keep_their_meaning(platform_cp: ContractCP) -> None:
     pem = keys.public_pem(keys.signing_key())
-    short = ControlPlaneTokenSource(platform_cp.url, pem, "short")
+    # A permissive local rule lets the short id reach the control plane,
+    # whose own rule refuses it.
+    short = ControlPlaneTokenSource(
+        platform_cp.url, pem, "short", session_id_rule=SessionIdRule(min_length=1)
+    )
     with pytest.raises(TokenUnavailableError) as info:
         await short.get_token_async()
     assert (info.value.status, info.value.retryable) == (403, False)
