@@ -36,6 +36,7 @@ from ambient_grpc_auth.reference.store import SessionStore
 from ambient_grpc_auth.server.authn import TrustedIssuer
 from ambient_grpc_auth.server.config import API_TOKEN_ENV, SERVICE_ACCOUNT_ENV, ServerAuthConfig
 from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet
+from ambient_grpc_auth.server.metrics import MetricsServer, PrometheusMetrics, start_metrics_server
 
 __all__ = ["main"]
 
@@ -156,10 +157,10 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- session server
 
 
-def _key_source(source: str) -> KeySource:
+def _key_source(source: str, metrics: PrometheusMetrics | None = None) -> KeySource:
 
     if source.startswith(("http://", "https://")):
-        return JwksCache(source)
+        return JwksCache(source, metrics=metrics)
     try:
         with open(source, "rb") as fh:
             head = fh.read(64).lstrip()
@@ -171,7 +172,9 @@ def _key_source(source: str) -> KeySource:
 
 
 def _server_auth_config(
-    args: argparse.Namespace, owner_lookup: Callable[[str], str | None]
+    args: argparse.Namespace,
+    owner_lookup: Callable[[str], str | None],
+    metrics: PrometheusMetrics | None = None,
 ) -> ServerAuthConfig:
 
     environ = dict(os.environ)
@@ -193,7 +196,7 @@ def _server_auth_config(
         TrustedIssuer(
             issuer=issuer,
             audiences=audiences,
-            keys=_key_source(source),
+            keys=_key_source(source, metrics),
             # Without an explicit choice, every trusted issuer may mint
             # session-scoped runner tokens (the claim decides, see policy).
             control_plane=not control_planes or issuer in control_planes,
@@ -205,6 +208,7 @@ def _server_auth_config(
         issuers=issuers,
         service_account_patterns=args.service_account_pattern or (),
         owner_lookup=owner_lookup,
+        metrics=metrics,
     )
 
 
@@ -220,22 +224,41 @@ def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | No
         _fail(f"cannot read TLS files: {exc.strerror}")
 
 
+def _serve_metrics(metrics: PrometheusMetrics, listen: tuple[str, int]) -> MetricsServer:
+    try:
+        return start_metrics_server(metrics.registry, *listen)
+    except OSError as exc:
+        _fail(f"cannot serve metrics on {listen[0]}:{listen[1]}: {exc.strerror or exc}")
+
+
 def _cmd_session_server(args: argparse.Namespace) -> int:
 
     store = SessionStore(args.db)
+    metrics = PrometheusMetrics() if args.metrics_listen is not None else None
+    endpoint: MetricsServer | None = None
     try:
-        config = _server_auth_config(args, store.owner_of)
+        if metrics is not None:
+            endpoint = _serve_metrics(metrics, args.metrics_listen)
+        config = _server_auth_config(args, store.owner_of, metrics)
         host, port = args.listen
         shown = f"[{host}]" if ":" in host else host
+
+        def ready(bound: int) -> None:
+            print(f"session server listening on {shown}:{bound}", flush=True)
+            if endpoint is not None:
+                print(f"metrics on {endpoint.url}", flush=True)
+
         run_session_server(
             store,
             config,
             f"{shown}:{port}",
             use_aio=args.aio,
             server_credentials=_server_credentials(args),
-            ready=lambda bound: print(f"session server listening on {shown}:{bound}", flush=True),
+            ready=ready,
         )
     finally:
+        if endpoint is not None:
+            endpoint.close()
         store.close()
     return 0
 
@@ -418,6 +441,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--aio", action="store_true", help="serve with grpc.aio")
+    p.add_argument(
+        "--metrics-listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP on HOST:PORT (GET /metrics)",
+    )
     p.set_defaults(func=_cmd_session_server)
 
     p = sub.add_parser("create-session", help="create a session (runner environment)")
