@@ -53,6 +53,7 @@ from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.jwks import JwksCache
 from ambient_grpc_auth.server.metrics import (
     DENIAL_REASONS,
+    AuthMetrics,
     PrometheusMetrics,
     start_metrics_server,
 )
@@ -309,6 +310,30 @@ async def test_aio_session_server_metrics(tmp_path: Path, jwks: JwksServer) -> N
         await server.stop(None)
         store.close()
     _check_session_metrics(text, sid, [runner, expired])
+
+
+def test_in_memory_metrics_time_verifications_only(tmp_path: Path) -> None:
+    """The default hook counts the timed decisions too: cache misses only."""
+    metrics = AuthMetrics()
+    store = SessionStore(str(tmp_path / "s.db"))
+    config = ServerAuthConfig.from_env(
+        environ={"AMBIENT_API_TOKEN": SERVICE_TOKEN}, owner_lookup=store.owner_of, metrics=metrics
+    )
+    running = start_sync_session_server(store, config)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.SessionServiceStub(channel)  # type: ignore[no-untyped-call]
+            for _ in range(3):
+                stub.CreateSession(
+                    pb.CreateSessionRequest(name="m"), metadata=_md(SERVICE_TOKEN), timeout=10
+                )
+    finally:
+        running.stop(None)
+        store.close()
+    snap = metrics.snapshot()
+    assert (snap.allowed, snap.cache_misses, snap.cache_hits) == (3, 1, 2)
+    assert snap.verifications == 1
+    assert 0 < snap.verification_seconds < 10
 
 
 def test_unknown_denial_reasons_are_counted_as_other() -> None:
