@@ -36,9 +36,12 @@ def _dry_run(target: str, tmp_path: Path) -> list[str]:
     """The commands ``make TARGET`` runs from a clean clone (no .venv yet)."""
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy2(ROOT / name, tmp_path / name)
+    # Not the settings of a make this test may run under (`make test`).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     result = subprocess.run(
-        [_need("make"), "-n", target],
+        [_need("make"), "--no-print-directory", "-n", target],
         cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
