@@ -3,19 +3,31 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# Two install modes in one virtual environment: the runtime (what `make demo`
+# needs) and the development extras (tests, linters, generators) on top.
 STAMP  := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 PROTO_SRC := proto/ambient/v1/sessions.proto proto/ambient/testing/v1/echo.proto
 GEN_FILES := $(foreach p,$(PROTO_SRC),$(patsubst proto/%.proto,ambient_grpc_auth/proto/%,$(p)))
 
-.PHONY: install proto proto-check lint test demo bench bench-quick bench-hotpath soak soak-quick load buf-lint clean
+.PHONY: install install-runtime proto proto-check lint test demo bench bench-quick bench-hotpath soak soak-quick load buf-lint hadolint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+install-runtime: $(RUNTIME_STAMP)
+
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+$(RUNTIME_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
+
+# The development install includes the runtime one.
+$(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME_STAMP)
 
 # Regenerate the committed stubs. The virtual proto path makes the generated
 # modules import each other as ambient_grpc_auth.proto.ambient.v1.*, so they
@@ -38,7 +50,11 @@ proto-check: $(STAMP)
 buf-lint: $(STAMP)
 	$(VENV)/bin/buf lint proto
 
-lint: $(STAMP) buf-lint
+# The container image's Dockerfile; warnings fail like errors.
+hadolint: $(STAMP)
+	$(VENV)/bin/hadolint --failure-threshold warning Dockerfile
+
+lint: $(STAMP) buf-lint hadolint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -46,7 +62,7 @@ lint: $(STAMP) buf-lint
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(VENV)/bin/ambient-grpc-auth demo
 
 bench: $(STAMP)

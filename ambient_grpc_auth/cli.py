@@ -62,6 +62,7 @@ from ambient_grpc_auth.server.config import (
     ServerAuthConfig,
 )
 from ambient_grpc_auth.server.jwks import JwksCache, KeySource, StaticKeySet
+from ambient_grpc_auth.server.metrics import MetricsServer, PrometheusMetrics, start_metrics_server
 
 __all__ = ["main"]
 
@@ -337,10 +338,10 @@ def _discovered_jwks_uri(issuer: str) -> str:
     return jwks_uri
 
 
-def _key_source(source: str) -> KeySource:
+def _key_source(source: str, metrics: PrometheusMetrics | None = None) -> KeySource:
 
     if source.startswith(("http://", "https://")):
-        return JwksCache(source)
+        return JwksCache(source, metrics=metrics)
     try:
         with open(source, "rb") as fh:
             head = fh.read(64).lstrip()
@@ -351,7 +352,11 @@ def _key_source(source: str) -> KeySource:
     return StaticKeySet.from_pem_files([source])
 
 
-def _server_auth_config(args: argparse.Namespace, owner_lookup: OwnerLookup) -> ServerAuthConfig:
+def _server_auth_config(
+    args: argparse.Namespace,
+    owner_lookup: OwnerLookup,
+    metrics: PrometheusMetrics | None = None,
+) -> ServerAuthConfig:
 
     environ = dict(os.environ)
     if args.service_token_file:
@@ -370,7 +375,9 @@ def _server_auth_config(args: argparse.Namespace, owner_lookup: OwnerLookup) -> 
         TrustedIssuer(
             issuer=issuer,
             audiences=audiences,
-            keys=_key_source(source if source is not None else _discovered_jwks_uri(issuer)),
+            keys=_key_source(
+                source if source is not None else _discovered_jwks_uri(issuer), metrics
+            ),
             # Only issuers named explicitly mint session-scoped runner tokens;
             # runner claims from any other issuer are ignored (see policy).
             control_plane=issuer in control_planes,
@@ -385,6 +392,7 @@ def _server_auth_config(args: argparse.Namespace, owner_lookup: OwnerLookup) -> 
         service_account_patterns=args.service_account_pattern or (),
         owner_lookup=owner_lookup,
         default_owner_issuer=args.default_owner_issuer,
+        metrics=metrics,
     )
 
 
@@ -411,13 +419,30 @@ def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | No
         _fail(f"cannot read TLS files: {exc.strerror}")
 
 
+def _serve_metrics(metrics: PrometheusMetrics, listen: tuple[str, int]) -> MetricsServer:
+    try:
+        return start_metrics_server(metrics.registry, *listen)
+    except OSError as exc:
+        _fail(f"cannot serve metrics on {listen[0]}:{listen[1]}: {exc.strerror or exc}")
+
+
 def _cmd_session_server(args: argparse.Namespace) -> int:
 
     store = SessionStore(args.db)
+    metrics = PrometheusMetrics() if args.metrics_listen is not None else None
+    endpoint: MetricsServer | None = None
     try:
-        config = _server_auth_config(args, store.owner_of)
+        if metrics is not None:
+            endpoint = _serve_metrics(metrics, args.metrics_listen)
+        config = _server_auth_config(args, store.owner_of, metrics)
         host, port = args.listen
         shown = f"[{host}]" if ":" in host else host
+
+        def ready(bound: int) -> None:
+            print(f"session server listening on {shown}:{bound}", flush=True)
+            if endpoint is not None:
+                print(f"metrics on {endpoint.url}", flush=True)
+
         run_session_server(
             store,
             config,
@@ -425,9 +450,11 @@ def _cmd_session_server(args: argparse.Namespace) -> int:
             use_aio=args.aio,
             server_credentials=_server_credentials(args),
             reflection=not args.no_reflection,
-            ready=lambda bound: print(f"session server listening on {shown}:{bound}", flush=True),
+            ready=ready,
         )
     finally:
+        if endpoint is not None:
+            endpoint.close()
         store.close()
     return 0
 
@@ -999,6 +1026,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key")
     p.add_argument("--aio", action="store_true", help="serve with grpc.aio")
     p.add_argument("--no-reflection", action="store_true", help="do not serve server reflection")
+    p.add_argument(
+        "--metrics-listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP on HOST:PORT (GET /metrics)",
+    )
     p.set_defaults(func=_cmd_session_server)
 
     p = sub.add_parser("create-session", help="create a session (runner environment)")

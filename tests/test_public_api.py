@@ -135,6 +135,7 @@ PUBLIC: dict[str, list[str]] = {
         "DISCOVERY_PATH",
         "HEALTHZ_PATH",
         "JWKS_PATH",
+        "METRICS_PATH",
         "STATE",
         "State",
         "TOKEN_PATH",
@@ -142,6 +143,7 @@ PUBLIC: dict[str, list[str]] = {
         "make_app",
     ],
     "controlplane.config": ["SessionCheck", "TokenServerConfig"],
+    "controlplane.metrics": ["PROOF_REFUSAL_REASONS", "TOKEN_OUTCOMES", "TokenServerMetrics"],
     "controlplane.issuers": [
         "DEFAULT_AUDIENCE",
         "DEFAULT_SUBJECT",
@@ -322,7 +324,15 @@ PUBLIC: dict[str, list[str]] = {
         "KeysUnavailableError",
         "StaticKeySet",
     ],
-    "server.metrics": ["AuthMetrics", "MetricsHook", "MetricsSnapshot"],
+    "server.metrics": [
+        "AuthMetrics",
+        "DENIAL_REASONS",
+        "MetricsHook",
+        "MetricsServer",
+        "MetricsSnapshot",
+        "PrometheusMetrics",
+        "start_metrics_server",
+    ],
     "server.policy": [
         "ALLOW_AUTHENTICATED",
         "Access",

@@ -6,12 +6,14 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client.exposition import choose_encoder
 
 from ambient_grpc_auth._bearer import extract_bearer
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
@@ -22,6 +24,7 @@ from ambient_grpc_auth.controlplane.keys import (
     ensure_keys,
     load_keys,
 )
+from ambient_grpc_auth.controlplane.metrics import TokenServerMetrics
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcClientCredentialsIssuer
 from ambient_grpc_auth.controlplane.podproof import PodIdentity, PodProofVerifier
 from ambient_grpc_auth.controlplane.replay import ReplayGuard
@@ -40,6 +43,7 @@ __all__ = [
     "DISCOVERY_PATH",
     "HEALTHZ_PATH",
     "JWKS_PATH",
+    "METRICS_PATH",
     "STATE",
     "TOKEN_PATH",
     "State",
@@ -54,6 +58,7 @@ TOKEN_PATH = "/token"  # noqa: S105 (a URL path)
 HEALTHZ_PATH = "/healthz"
 JWKS_PATH = "/.well-known/jwks.json"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
+METRICS_PATH = "/metrics"
 # A proof for an RSA-8192 key is 1368 base64 characters; anything far longer is junk.
 _MAX_BEARER_CHARS = 4096
 
@@ -125,6 +130,7 @@ class State:
         self._guard_off_loop = config.replay_store is not None
         self.session_check = config.session_check
         self.counters = TokenServerCounters()
+        self.metrics = TokenServerMetrics(self.counters.snapshot, self.counters.reasons)
         self.jwt_issuer: JwtIssuer | None = None
         self.issuer: TokenIssuer
         if config.token_issuer is not None:
@@ -333,6 +339,21 @@ async def _handle_token(request: web.Request) -> web.StreamResponse:
     return web.json_response(issued.to_json(), headers={"Cache-Control": "no-store"})
 
 
+async def _handle_token_timed(request: web.Request) -> web.StreamResponse:
+    start = time.perf_counter()
+    try:
+        return await _handle_token(request)
+    finally:
+        request.app[STATE].metrics.observe_request(time.perf_counter() - start)
+
+
+async def _handle_metrics(request: web.Request) -> web.StreamResponse:
+    # Counts only (see controlplane.metrics): nothing secret, cheap to render.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encode(request.app[STATE].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 async def _handle_healthz(request: web.Request) -> web.StreamResponse:
     return web.Response(text="ok")
 
@@ -386,10 +407,11 @@ def make_app(state: State, config: TokenServerConfig) -> web.Application:
         client_max_size=64 * 1024,
     )
     app[STATE] = state
-    app.router.add_route("*", TOKEN_PATH, _handle_token)
+    app.router.add_route("*", TOKEN_PATH, _handle_token_timed)
     app.router.add_get(HEALTHZ_PATH, _handle_healthz)
     app.router.add_get(JWKS_PATH, _handle_jwks)
     app.router.add_get(DISCOVERY_PATH, _handle_discovery)
     app.on_response_prepare.append(_advertise)
+    app.router.add_get(METRICS_PATH, _handle_metrics)
     app.on_cleanup.append(_cleanup)
     return app

@@ -13,6 +13,8 @@ Routes:
 - ``GET /.well-known/jwks.json`` and ``GET /.well-known/openid-configuration``:
   the signing keys and an OIDC discovery document, so that standard JWT
   verifiers find the keys (404 when tokens come from an upstream issuer).
+- ``GET /metrics``: Prometheus metrics (see
+  :mod:`ambient_grpc_auth.controlplane.metrics`).
 
 RSA decryption (~6-10 ms per RSA-4096 proof) runs in a thread pool of
 ``max_concurrent_decrypts`` workers behind a semaphore, so the event loop keeps
@@ -35,6 +37,7 @@ from aiohttp import web
 from ambient_grpc_auth._shutdown import wait_for_stop_signal
 from ambient_grpc_auth.controlplane.app import (
     JWKS_PATH,
+    METRICS_PATH,
     STATE,
     TOKEN_PATH,
     State,
@@ -83,6 +86,10 @@ class RunningTokenServer:
     @property
     def jwks_url(self) -> str:
         return self.url + JWKS_PATH
+
+    @property
+    def metrics_url(self) -> str:
+        return self.url + METRICS_PATH
 
     @property
     def counters(self) -> TokenServerCounters:

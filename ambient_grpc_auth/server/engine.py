@@ -58,6 +58,7 @@ import asyncio
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -306,11 +307,12 @@ class Verification:
 
     Complete it exactly once, with :meth:`verify` (may block on a key fetch:
     sync servers) or :meth:`verify_async` (never blocks the event loop);
-    either returns the decision of steps 5-8. The token is not shown in the
-    repr.
+    either returns the decision of steps 5-8, and reports the time since
+    the call arrived (:meth:`~ambient_grpc_auth.server.metrics.MetricsHook.verification`).
+    The token is not shown in the repr.
     """
 
-    __slots__ = ("_engine", "_handler", "_key", "_method", "_rule", "_token")
+    __slots__ = ("_engine", "_handler", "_key", "_method", "_rule", "_start", "_token")
 
     def __init__(
         self,
@@ -327,22 +329,31 @@ class Verification:
         self._rule = rule
         self._handler = handler
         self._key = key
+        self._start = time.perf_counter()
 
     def verify(self) -> Pass | Denial | Admission:
         """Verify the token and decide the call. May block (key fetch)."""
+        engine = self._engine
         try:
-            principal = self._engine._authenticator.authenticate(self._token)
+            principal = engine._authenticator.authenticate(self._token)
         except Exception as exc:
-            return self._engine._not_verified(self, exc)
-        return self._engine._verified(self, principal)
+            decision: Pass | Denial | Admission = engine._not_verified(self, exc)
+        else:
+            decision = engine._verified(self, principal)
+        engine.metrics.verification(time.perf_counter() - self._start)
+        return decision
 
     async def verify_async(self) -> Pass | Denial | Admission:
         """:meth:`verify` without blocking the event loop."""
+        engine = self._engine
         try:
-            principal = await self._engine._authenticator.authenticate_async(self._token)
+            principal = await engine._authenticator.authenticate_async(self._token)
         except Exception as exc:
-            return self._engine._not_verified(self, exc)
-        return self._engine._verified(self, principal)
+            decision: Pass | Denial | Admission = engine._not_verified(self, exc)
+        else:
+            decision = engine._verified(self, principal)
+        engine.metrics.verification(time.perf_counter() - self._start)
+        return decision
 
     def __repr__(self) -> str:
         return f"Verification(method={self._method!r})"
