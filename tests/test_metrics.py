@@ -412,10 +412,18 @@ def test_every_proof_refusal_in_the_code_has_its_own_label() -> None:
     in_code: set[str] = set()
     for path in PACKAGE.rglob("*.py"):
         in_code |= _reason_literals(path, {"ProofError"})
-    header = {r for r in in_code if "{}" in r}
-    assert header == {"header_{}"}
+    formatted = {r for r in in_code if "{}" in r}
+    assert formatted == {"header_{}", "pod_{}"}
     bearer = _reason_literals(PACKAGE / "_bearer.py", {"TokenRejectedError"})
-    in_code = (in_code - header) | {f"header_{r}" for r in bearer}
+    # The pod-bound proof passes on the JWT verifier's reasons.
+    verifier = set()
+    for path in (PACKAGE / "server").rglob("*.py"):
+        verifier |= _reason_literals(path, {"TokenRejectedError", "UnrecognizedTokenError"})
+    in_code = (
+        (in_code - formatted)
+        | {f"header_{r}" for r in bearer}
+        | {f"pod_{r}" for r in verifier if "{}" not in r}
+    )
     assert "replayed" in in_code  # the scan sees them
     assert in_code - PROOF_REFUSAL_REASONS == set()
 
@@ -478,6 +486,8 @@ def test_cli_servers_serve_metrics(tmp_path: Path) -> None:
                 "127.0.0.1:0",
                 "--trust",
                 f"{cp_url}={cp_url}/.well-known/jwks.json",
+                "--control-plane-issuer",
+                cp_url,
                 "--service-token-file",
                 str(token_file),
             ],

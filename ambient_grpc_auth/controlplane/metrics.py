@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from ambient_grpc_auth.server.metrics import DENIAL_REASONS
+
 __all__ = ["PROOF_REFUSAL_REASONS", "TOKEN_OUTCOMES", "TokenServerMetrics"]
 
 #: The outcomes of a ``/token`` request.
@@ -66,7 +68,20 @@ PROOF_REFUSAL_REASONS = frozenset(
         "session_id_charset",
         "session_id_pattern",
         "unknown_session",
+        # the pod-bound proof (controlplane/podproof.py)
+        "pod_header_duplicate",
+        "pod_header_malformed",
+        "pod_proof_required",
+        "pod_too_long",
+        "pod_keys_unavailable",
+        "pod_not_a_service_account",
+        "pod_claims_mismatch",
+        "pod_not_bound",
+        "pod_namespace",
+        "pod_session_mismatch",
     }
+    # A service-account token the JWT verifier refused, by its reason.
+    | {f"pod_{reason}" for reason in DENIAL_REASONS}
 )
 _OTHER = "other"
 #: Seconds; a proof's RSA decryption alone takes several milliseconds, an
