@@ -144,6 +144,8 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
         require_fresh_proof=args.require_fresh_proof,
         session_id_pattern=args.session_pattern,
         oidc=oidc,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
     )
 
     def ready(server: RunningTokenServer) -> None:
@@ -393,6 +395,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--oidc-token-url")
     p.add_argument("--oidc-client-id")
     p.add_argument("--oidc-client-secret-file")
+    p.add_argument(
+        "--max-connections", type=int, default=1024, help="connections served at once"
+    )
+    p.add_argument(
+        "--header-timeout", type=_positive_float, default=10.0, help="seconds to send a request"
+    )
     p.set_defaults(func=_cmd_token_server)
 
     p = sub.add_parser("session-server", help="run the reference SessionService with auth")

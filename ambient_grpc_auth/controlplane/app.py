@@ -14,6 +14,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ambient_grpc_auth._bearer import extract_bearer
+from ambient_grpc_auth.controlplane._listener import http_handler_args
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.issuers import JwtIssuer, TokenIssueError, TokenIssuer
 from ambient_grpc_auth.controlplane.keys import (
@@ -307,15 +308,7 @@ async def _cleanup(app: web.Application) -> None:
 
 
 def make_app(state: State, config: TokenServerConfig) -> web.Application:
-    app = web.Application(
-        handler_args={
-            "max_line_size": config.max_header_size,
-            "max_field_size": config.max_header_size,
-            "max_headers": 64,
-            "keepalive_timeout": 75.0,
-        },
-        client_max_size=64 * 1024,
-    )
+    app = web.Application(handler_args=http_handler_args(config), client_max_size=64 * 1024)
     app[STATE] = state
     app.router.add_route("*", TOKEN_PATH, _handle_token)
     app.router.add_get(HEALTHZ_PATH, _handle_healthz)
