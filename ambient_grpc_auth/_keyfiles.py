@@ -254,9 +254,7 @@ def directory_lock(directory: Path, name: str) -> Iterator[None]:
     """
     check_key_dir(directory)
     try:
-        fd = os.open(
-            directory / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise KeyFileError(f"{directory}: cannot open lock file ({exc.strerror})") from None
     try:

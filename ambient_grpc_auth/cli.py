@@ -395,9 +395,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--oidc-token-url")
     p.add_argument("--oidc-client-id")
     p.add_argument("--oidc-client-secret-file")
-    p.add_argument(
-        "--max-connections", type=int, default=1024, help="connections served at once"
-    )
+    p.add_argument("--max-connections", type=int, default=1024, help="connections served at once")
     p.add_argument(
         "--header-timeout", type=_positive_float, default=10.0, help="seconds to send a request"
     )

@@ -218,7 +218,7 @@ class TokenHttpProtocol(web.RequestHandler):
     """aiohttp's request handler with fixed error responses, quiet error logs
     and a deadline for each request head (see the module docstring)."""
 
-    __slots__ = ("__weakref__", "_ag_listener", "_ag_deadline", "_ag_in_request", "_ag_served")
+    __slots__ = ("__weakref__", "_ag_deadline", "_ag_in_request", "_ag_listener", "_ag_served")
 
     def __init__(self, manager: web.Server, *, listener: Listener, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)

@@ -202,8 +202,8 @@ def load_keys(directory: str | os.PathLike[str], *, require_signing: bool = True
 
     Raises :class:`KeyFileError` for a key directory writable by group or
     others, a missing, non-regular, unreadable or malformed file or a
-    mismatched pair (symlinks are followed, as in a Secret mount). Without ``require_signing`` a missing
-    ``signing.pem`` yields ``CPKeys.signing = None``.
+    mismatched pair (symlinks are followed, as in a Secret mount). Without
+    ``require_signing`` a missing ``signing.pem`` yields ``CPKeys.signing = None``.
     """
     paths = KeyPaths.of(directory)
     private = load_private_file(paths.private)

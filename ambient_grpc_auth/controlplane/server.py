@@ -118,6 +118,11 @@ class RunningTokenServer:
         """The connection cap in force (``config.max_connections`` or lower)."""
         return self._listener.max_connections
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections open right now (those refused at the cap excluded)."""
+        return self._listener.open_connections
+
     async def close(self) -> None:
         self._server.close()
         await self._runner.cleanup()
