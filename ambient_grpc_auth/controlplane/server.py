@@ -204,12 +204,17 @@ def run_token_server(
             loop_exception_handler(RateLimitedLog(_log, clock=config.clock))
         )
         server = await start_token_server(config, host, port)
+        # The signal handlers go in before ``ready`` announces the server, so
+        # that a stop request right after the announcement is not lost.
+        stop = asyncio.ensure_future(wait_for_stop_signal())
         try:
+            await asyncio.sleep(0)
             if ready is not None:
                 ready(server)
-            await wait_for_stop_signal()
+            await stop
             _log.info("token server shutting down")
         finally:
+            stop.cancel()
             await server.close()
 
     asyncio.run(main())

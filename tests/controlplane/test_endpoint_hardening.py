@@ -129,9 +129,9 @@ def test_malformed_requests_never_echo_or_log_the_proof(tmp_path: Path) -> None:
         assert _last_response(ok) == (200, b"ok")
         server.stop()
         stderr = server.stderr()
-    assert "refused a malformed HTTP request" in stderr
-    assert "Traceback" not in stderr
     assert _leaks(proof, stderr) == []
+    assert "Traceback" not in stderr
+    assert "refused a malformed HTTP request" in stderr
     for name, raw in responses.items():
         text = raw.decode("latin-1")
         assert _leaks(proof, text) == [], name
