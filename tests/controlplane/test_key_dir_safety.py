@@ -14,6 +14,8 @@ import logging
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -231,3 +233,59 @@ def test_rotation_refuses_a_writable_directory(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="chmod 700"):
         rotate_signing_key(d, signing_key_bits=2048)
     assert not (d / ".rotate.lock").exists()
+
+
+_LOAD_ON_READ_ONLY_MOUNT = """
+set -e
+mount -t tmpfs -o mode=1777 tmpfs "$MNT"
+mkdir -m 755 "$MNT/..2026_12_04_15_00_00.000000001"
+for f in private.pem public.pem signing.pem; do
+  cp "$SRC/$f" "$MNT/..2026_12_04_15_00_00.000000001/$f"
+  chmod 444 "$MNT/..2026_12_04_15_00_00.000000001/$f"
+done
+ln -s ..2026_12_04_15_00_00.000000001 "$MNT/..data"
+for f in private.pem public.pem signing.pem; do ln -s "..data/$f" "$MNT/$f"; done
+mount -o remount,ro "$MNT"
+exec "$PYTHON" -c "$CODE" "$MNT"
+"""
+
+_LOAD_AND_REPORT = """
+import logging, os, stat, sys
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+from ambient_grpc_auth.controlplane.keys import load_keys
+mnt = sys.argv[1]
+assert stat.S_IMODE(os.stat(mnt).st_mode) == 0o1777
+assert load_keys(mnt).signing is not None
+print("loaded")
+"""
+
+
+def test_read_only_secret_mount_with_a_1777_directory_loads_without_warnings(
+    tmp_path: Path,
+) -> None:
+    """A Secret volume: a world-writable (1777) tmpfs mounted read-only, files
+    0444 behind ``..data`` symlinks. Needs a private mount namespace."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip("needs a private mount namespace (unshare -rm), not available here")
+    source = _keys(tmp_path)
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", _LOAD_ON_READ_ONLY_MOUNT],
+        env={
+            **os.environ,
+            "MNT": str(mount),
+            "SRC": str(source),
+            "PYTHON": sys.executable,
+            "CODE": _LOAD_AND_REPORT,
+        },
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "loaded"
+    assert "WARNING" not in result.stderr, result.stderr
