@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import threading
-import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +13,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ambient_grpc_auth._bearer import extract_bearer
-from ambient_grpc_auth.controlplane._listener import http_handler_args
+from ambient_grpc_auth.controlplane._listener import (
+    RateLimitedLog,
+    describe_exception,
+    http_handler_args,
+)
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.issuers import JwtIssuer, TokenIssueError, TokenIssuer
 from ambient_grpc_auth.controlplane.keys import (
@@ -117,6 +120,8 @@ class State:
         self._guard_off_loop = config.replay_store is not None
         self.session_check = config.session_check
         self.counters = TokenServerCounters()
+        # Overload and failure lines come in bursts: one per kind per interval.
+        self.error_log = RateLimitedLog(_log, clock=config.clock)
         self.jwt_issuer: JwtIssuer | None = None
         self.issuer: TokenIssuer
         if config.token_issuer is not None:
@@ -239,27 +244,34 @@ async def _handle_token(request: web.Request) -> web.StreamResponse:
         return _text(403, "session not allowed")
     except _Busy:
         counters.add("busy")
-        _log.warning("token request refused: too many pending requests")
+        state.error_log.log(
+            logging.WARNING, "busy", "token request refused: too many pending requests"
+        )
         return _text(503, "busy", {"Retry-After": "1"})
     except TokenIssueError as exc:
         counters.add("upstream_error")
-        _log.error("token provider failed for session %r: %s", sid, exc)
+        state.error_log.log(
+            logging.ERROR, "upstream", "token provider failed for session %r: %s", sid, exc
+        )
         return _text(500, "token provider unavailable")
     except TimeoutError:
         counters.add("timeout")
-        _log.error("token request timed out after %.1fs", state.request_timeout)
+        state.error_log.log(
+            logging.ERROR,
+            "timeout",
+            "token request timed out after %.1fs",
+            state.request_timeout,
+        )
         return _text(500, "request timed out")
     except Exception as exc:
         counters.add("internal_error")
         # Locations only: an exception message (or a source line) from a hook
         # could hold anything, so neither is logged.
-        _log.error(
-            "token request failed (%s) at %s",
-            type(exc).__name__,
-            " <- ".join(
-                f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
-                for f in reversed(traceback.extract_tb(exc.__traceback__))
-            ),
+        state.error_log.log(
+            logging.ERROR,
+            f"internal:{type(exc).__name__}",
+            "token request failed: %s",
+            describe_exception(exc),
         )
         return _text(500, "internal error")
     counters.add("issued")

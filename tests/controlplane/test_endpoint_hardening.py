@@ -21,12 +21,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from support.cliproc import TokenServerProcess
-from support.cp import copy_keys, public_pem, serving
+from support.cp import copy_keys, get, public_pem, runner_style_bearer, serving
 from support.waiting import async_wait_until, wait_until
 
 from ambient_grpc_auth.controlplane._listener import ERROR_BODIES, RateLimitedLog
@@ -242,6 +243,27 @@ def test_rate_limited_log_counts_what_it_holds_back(caplog: pytest.LogCaptureFix
         "kind b happened",
         "kind a happened (500 similar suppressed)",
     ]
+
+
+async def test_handler_failures_are_logged_once_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = copy_keys(tmp_path / "keys", encryption_key_bits=2048)
+    bearer = runner_style_bearer(public_pem(keys), "session-flood-1")
+
+    async def broken_check(session_id: str) -> bool:
+        raise RuntimeError("hook failed")
+
+    config = TokenServerConfig(keys_dir=keys, session_check=broken_check, clock=FakeClock())
+    caplog.set_level(logging.INFO, logger="ambient_grpc_auth")
+    async with serving(config) as server, aiohttp.ClientSession() as session:
+        for _ in range(20):
+            status, body, _ = await get(session, server.token_url, bearer)
+            assert (status, body) == (500, "internal error")
+    failures = [r.getMessage() for r in caplog.records if "token request failed" in r.getMessage()]
+    assert len(failures) == 1, failures
+    assert "RuntimeError" in failures[0]
+    assert "hook failed" not in caplog.text
 
 
 # --------------------------------------------------------------------------- fd pressure
