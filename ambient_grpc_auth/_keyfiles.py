@@ -5,8 +5,9 @@ path; file contents never appear in messages.
 
 Where keys may live: a key directory, and the directory a key file really is
 in (after symlinks, as in a Kubernetes Secret mount, where ``DIR/x.pem`` links
-to ``DIR/..data/x.pem``), must not be writable by group or others, or anyone
-able to write there could plant a key; a key file must be a regular file and
+to ``DIR/..data/x.pem``), must not be writable by group or others nor owned by
+another user than this process's or root, or whoever can write there could
+plant a key; a key file must be a regular file and
 not writable by group or others. Read-only filesystems are exempt from the
 write checks: nobody can write there (Secret volumes are always mounted
 read-only, and their mount point is often mode 1777). A key file readable by
@@ -119,7 +120,8 @@ def _open_to_others(path: Path, st: os.stat_result) -> bool:
 
 
 def check_key_dir(directory: Path) -> None:
-    """Refuse a key directory that group or others may write to.
+    """Refuse a key directory that group or others may write to, or that is
+    owned by another user than this process's or root.
 
     A missing directory passes (the caller reports the missing file). The
     check follows a symlinked directory to its target. Raises KeyFileError
@@ -138,6 +140,14 @@ def check_key_dir(directory: Path) -> None:
             f"{directory}: key directory is writable by group or others "
             f"(mode {stat.S_IMODE(st.st_mode):04o}), so anyone could plant keys there; "
             f"refusing to use it: run `chmod 700 {directory}`"
+        )
+    if st.st_uid not in (0, os.geteuid()) and not _read_only_fs(directory):
+        # Its owner can plant keys whatever the mode (e.g. a directory
+        # created first by someone else in a shared /tmp).
+        raise KeyFileError(
+            f"{directory}: key directory is owned by uid {st.st_uid}, neither this user "
+            f"(uid {os.geteuid()}) nor root; refusing to use it: run "
+            f"`chown {os.geteuid()} {directory}`"
         )
 
 

@@ -69,6 +69,17 @@ def test_writable_key_directories_are_refused(tmp_path: Path, mode: int) -> None
     assert _mode(d) == mode  # refused, never changed behind the operator's back
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    d = _keys(tmp_path)
+    os.chown(d, 54321, -1)
+    with pytest.raises(KeyFileError, match="owned by uid 54321") as info:
+        load_keys(d)
+    assert f"chown {os.geteuid()} {d}" in str(info.value)
+    os.chown(d, 0, -1)  # root-owned, as a Secret mount is: fine
+    load_keys(d)
+
+
 def test_private_directory_loads(tmp_path: Path) -> None:
     d = _keys(tmp_path)
     assert _mode(d) == 0o700
