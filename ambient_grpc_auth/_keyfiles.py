@@ -2,6 +2,17 @@
 
 Every error is a :class:`~ambient_grpc_auth.errors.KeyFileError` naming the
 path; file contents never appear in messages.
+
+Where keys may live: a key directory, and the directory a key file really is
+in (after symlinks, as in a Kubernetes Secret mount, where ``DIR/x.pem`` links
+to ``DIR/..data/x.pem``), must not be writable by group or others nor owned by
+another user than this process's or root, or whoever can write there could
+plant a key; a key file must be a regular file and
+not writable by group or others. Read-only filesystems are exempt from the
+write checks: nobody can write there (Secret volumes are always mounted
+read-only, and their mount point is often mode 1777). A key file readable by
+others is logged as a warning, except on a read-only filesystem, where the
+mode comes from the Secret's ``defaultMode`` and the pod is the boundary.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from ambient_grpc_auth.errors import KeyFileError
 
 __all__ = [
     "MAX_KEY_FILE_BYTES",
+    "check_key_dir",
     "create_exclusive",
     "directory_lock",
     "make_key_dir",
@@ -95,38 +107,145 @@ def replace_atomically(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def read_key_file(path: Path, *, secret: bool = True) -> bytes:
-    """Read a key file of at most :data:`MAX_KEY_FILE_BYTES`.
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
-    Raises KeyFileError if it is missing, not a regular file, unreadable or
-    too large. For ``secret`` files a mode open to group or others is logged
-    as a warning (not refused: Secret volumes default to 0644).
+
+def _open_to_others(path: Path, st: os.stat_result) -> bool:
+    """True if group or others may write ``path`` (``st`` is its stat) on a writable filesystem."""
+    return bool(st.st_mode & 0o022) and not _read_only_fs(path)
+
+
+def check_key_dir(directory: Path) -> None:
+    """Refuse a key directory that group or others may write to, or that is
+    owned by another user than this process's or root.
+
+    A missing directory passes (the caller reports the missing file). The
+    check follows a symlinked directory to its target. Raises KeyFileError
+    with one line naming the directory and the fix.
     """
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise KeyFileError(f"{path}: not a regular file")
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise KeyFileError(f"{directory}: cannot inspect key directory ({exc.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyFileError(f"{directory}: exists and is not a directory")
+    if _open_to_others(directory, st):
+        raise KeyFileError(
+            f"{directory}: key directory is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}), so anyone could plant keys there; "
+            f"refusing to use it: run `chmod 700 {directory}`"
+        )
+    if st.st_uid not in (0, os.geteuid()) and not _read_only_fs(directory):
+        # Its owner can plant keys whatever the mode (e.g. a directory
+        # created first by someone else in a shared /tmp).
+        raise KeyFileError(
+            f"{directory}: key directory is owned by uid {st.st_uid}, neither this user "
+            f"(uid {os.geteuid()}) nor root; refusing to use it: run "
+            f"`chown {os.geteuid()} {directory}`"
+        )
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _stat_key_file(path: Path) -> os.stat_result:
+    try:
+        st = os.stat(path)  # follows symlinks, as a Secret mount needs
     except FileNotFoundError:
         raise KeyFileError(f"{path}: key file is missing") from None
-    except IsADirectoryError:
-        raise KeyFileError(f"{path}: not a regular file") from None
     except PermissionError:
         raise KeyFileError(f"{path}: key file is not readable (permission denied)") from None
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read key file ({exc.strerror})") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path}: key file is too large")
-    if secret and st.st_mode & 0o077:
-        _log.warning(
-            "key file %s is accessible by group or others (mode %o)", path, st.st_mode & 0o777
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyFileError(
+            f"{path}: not a regular file ({_file_kind(st.st_mode)}); "
+            "a key file must be a regular file or a symlink to one"
         )
-    return data
+    return st
+
+
+def read_key_file(path: Path, *, secret: bool = True) -> bytes:
+    """Read a key file of at most :data:`MAX_KEY_FILE_BYTES`.
+
+    Raises KeyFileError if it is missing, not a regular file (a FIFO, device,
+    socket or directory is refused before it is opened, and the open never
+    blocks), unreadable, too large, writable by group or others, or if its
+    directory (as named, and where the file really is after symlinks) is
+    writable by group or others (see the module docstring). For ``secret``
+    files a mode readable by others is logged as a warning (not refused:
+    Secret volumes default to 0644).
+    """
+    st = _stat_key_file(path)
+    check_key_dir(path.parent)
+    real_parent = Path(os.path.realpath(path)).parent
+    if real_parent != path.parent:
+        check_key_dir(real_parent)
+    try:
+        # O_NONBLOCK: if the name was swapped for a FIFO since the stat, the
+        # open returns at once and the fstat below refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: key file is missing") from None
+    except PermissionError:
+        raise KeyFileError(f"{path}: key file is not readable (permission denied)") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read key file ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path}: not a regular file ({_file_kind(st.st_mode)})")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_KEY_FILE_BYTES:
+            chunk = os.read(fd, MAX_KEY_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read key file ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    if size > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path}: key file is too large")
+    if _open_to_others(path, st):
+        raise KeyFileError(
+            f"{path}: key file is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to use it: run `chmod 600 {path}`"
+        )
+    if secret and st.st_mode & 0o004 and not _read_only_fs(path):
+        _log.warning(
+            "key file %s is readable by others (mode %04o); run `chmod 600 %s`",
+            path,
+            stat.S_IMODE(st.st_mode),
+            path,
+        )
+    return b"".join(chunks)
 
 
 def make_key_dir(directory: Path) -> None:
-    """Create ``directory`` (and parents) with mode 0700 if it does not exist."""
+    """Create ``directory`` (and parents) with mode 0700 if it does not exist.
+
+    An existing directory is checked with :func:`check_key_dir` (never
+    changed): one that group or others may write to is refused.
+    """
     try:
         directory.mkdir(mode=0o700, parents=True)
     except FileExistsError:
@@ -134,6 +253,7 @@ def make_key_dir(directory: Path) -> None:
             raise KeyFileError(f"{directory}: exists and is not a directory") from None
     except OSError as exc:
         raise KeyFileError(f"{directory}: cannot create key directory ({exc.strerror})") from None
+    check_key_dir(directory)
 
 
 @contextlib.contextmanager
@@ -142,8 +262,9 @@ def directory_lock(directory: Path, name: str) -> Iterator[None]:
 
     Serialises maintenance operations between processes on one host.
     """
+    check_key_dir(directory)
     try:
-        fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise KeyFileError(f"{directory}: cannot open lock file ({exc.strerror})") from None
     try:

@@ -252,6 +252,8 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
         oidc=oidc,
         pod_proof=_pod_proof_settings(args),
         require_pod_proof=args.require_pod_proof,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
     )
 
     def ready(server: RunningTokenServer) -> None:
@@ -973,6 +975,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-proof-subject", default=DEFAULT_SUBJECT_TEMPLATE, metavar="TEMPLATE")
     p.add_argument("--pod-proof-namespace", action="append", metavar="NS", help="(repeatable)")
     p.add_argument("--require-pod-proof", action="store_true", help="refuse v1/v2 alone")
+    p.add_argument("--max-connections", type=int, default=1024, help="connections served at once")
+    p.add_argument(
+        "--header-timeout", type=_positive_float, default=10.0, help="seconds to send a request"
+    )
     p.set_defaults(func=_cmd_token_server)
 
     p = sub.add_parser("session-server", help="run the reference SessionService with auth")

@@ -7,7 +7,6 @@ import logging
 import os
 import threading
 import time
-import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.exposition import choose_encoder
 
 from ambient_grpc_auth._bearer import extract_bearer
+from ambient_grpc_auth.controlplane._listener import (
+    RateLimitedLog,
+    describe_exception,
+    http_handler_args,
+)
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.issuers import JwtIssuer, TokenIssueError, TokenIssuer
 from ambient_grpc_auth.controlplane.keys import (
@@ -131,6 +135,8 @@ class State:
         self.session_check = config.session_check
         self.counters = TokenServerCounters()
         self.metrics = TokenServerMetrics(self.counters.snapshot, self.counters.reasons)
+        # Overload and failure lines come in bursts: one per kind per interval.
+        self.error_log = RateLimitedLog(_log, clock=config.clock)
         self.jwt_issuer: JwtIssuer | None = None
         self.issuer: TokenIssuer
         if config.token_issuer is not None:
@@ -306,27 +312,34 @@ async def _handle_token(request: web.Request) -> web.StreamResponse:
         return _text(403, "session not allowed")
     except _Busy:
         counters.add("busy")
-        _log.warning("token request refused: too many pending requests")
+        state.error_log.log(
+            logging.WARNING, "busy", "token request refused: too many pending requests"
+        )
         return _text(503, "busy", {"Retry-After": "1"})
     except TokenIssueError as exc:
         counters.add("upstream_error")
-        _log.error("token provider failed for session %r: %s", sid, exc)
+        state.error_log.log(
+            logging.ERROR, "upstream", "token provider failed for session %r: %s", sid, exc
+        )
         return _text(500, "token provider unavailable")
     except TimeoutError:
         counters.add("timeout")
-        _log.error("token request timed out after %.1fs", state.request_timeout)
+        state.error_log.log(
+            logging.ERROR,
+            "timeout",
+            "token request timed out after %.1fs",
+            state.request_timeout,
+        )
         return _text(500, "request timed out")
     except Exception as exc:
         counters.add("internal_error")
         # Locations only: an exception message (or a source line) from a hook
         # could hold anything, so neither is logged.
-        _log.error(
-            "token request failed (%s) at %s",
-            type(exc).__name__,
-            " <- ".join(
-                f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
-                for f in reversed(traceback.extract_tb(exc.__traceback__))
-            ),
+        state.error_log.log(
+            logging.ERROR,
+            f"internal:{type(exc).__name__}",
+            "token request failed: %s",
+            describe_exception(exc),
         )
         return _text(500, "internal error")
     counters.add("issued")
@@ -397,15 +410,7 @@ async def _cleanup(app: web.Application) -> None:
 
 
 def make_app(state: State, config: TokenServerConfig) -> web.Application:
-    app = web.Application(
-        handler_args={
-            "max_line_size": config.max_header_size,
-            "max_field_size": config.max_header_size,
-            "max_headers": 64,
-            "keepalive_timeout": 75.0,
-        },
-        client_max_size=64 * 1024,
-    )
+    app = web.Application(handler_args=http_handler_args(config), client_max_size=64 * 1024)
     app[STATE] = state
     app.router.add_route("*", TOKEN_PATH, _handle_token_timed)
     app.router.add_get(HEALTHZ_PATH, _handle_healthz)

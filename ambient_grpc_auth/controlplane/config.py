@@ -116,6 +116,12 @@ class TokenServerConfig:
     request_timeout: float = 10.0
     #: Longest request line and header, in bytes (at least 1024).
     max_header_size: int = 8190
+    #: Connections open at once; a connection beyond it is answered 503 and
+    #: closed. Lowered at start to what RLIMIT_NOFILE leaves room for.
+    max_connections: int = 1024
+    #: Seconds a connection gets to deliver a complete request head, from its
+    #: opening or from the end of its previous response (then it is closed).
+    header_timeout: float = 10.0
     #: Seconds in-flight requests get to finish when the server closes.
     shutdown_timeout: float = 10.0
 
@@ -137,10 +143,10 @@ class TokenServerConfig:
             raise ConfigurationError("token server: set replay_store or replay_max_entries")
         if self.max_concurrent_decrypts is not None and self.max_concurrent_decrypts < 1:
             raise ConfigurationError("token server: max_concurrent_decrypts must be >= 1")
-        for name in ("request_timeout", "proof_window", "shutdown_timeout"):
+        for name in ("request_timeout", "proof_window", "shutdown_timeout", "header_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"token server: {name} must be positive")
         if self.replay_max_entries < 1:
             raise ConfigurationError("token server: replay_max_entries must be positive")
-        if self.max_pending_requests < 1 or self.max_header_size < 1024:
+        if self.max_pending_requests < 1 or self.max_header_size < 1024 or self.max_connections < 1:
             raise ConfigurationError("token server: limits too small")

@@ -165,9 +165,11 @@ def ensure_keys(
     Key generation is slow (RSA-4096 takes seconds): call this off any event
     loop. ``encryption_key_bits`` exists for tests; production uses 4096.
 
-    Raises :class:`KeyFileError` if a file is unreadable or malformed, if
-    ``public.pem`` does not match ``private.pem``, or if ``public.pem`` exists
-    without ``private.pem`` (a new private key would not match it).
+    Raises :class:`KeyFileError` if the directory is writable by group or
+    others (it is refused, never changed: ``chmod 700`` it), if a file is not
+    a regular file, unreadable or malformed, if ``public.pem`` does not match
+    ``private.pem``, or if ``public.pem`` exists without ``private.pem`` (a
+    new private key would not match it).
     """
     paths = KeyPaths.of(directory)
     make_key_dir(paths.directory)
@@ -198,9 +200,10 @@ def ensure_keys(
 def load_keys(directory: str | os.PathLike[str], *, require_signing: bool = True) -> CPKeys:
     """Load existing keys without generating anything (e.g. a mounted Secret).
 
-    Raises :class:`KeyFileError` for a missing, unreadable or malformed file
-    or a mismatched pair. Without ``require_signing`` a missing
-    ``signing.pem`` yields ``CPKeys.signing = None``.
+    Raises :class:`KeyFileError` for a key directory writable by group or
+    others, a missing, non-regular, unreadable or malformed file or a
+    mismatched pair (symlinks are followed, as in a Secret mount). Without
+    ``require_signing`` a missing ``signing.pem`` yields ``CPKeys.signing = None``.
     """
     paths = KeyPaths.of(directory)
     private = load_private_file(paths.private)
