@@ -21,6 +21,12 @@ the specific reason is logged (logger ``ambient_grpc_auth.server.interceptor``,
 no token material) and counted in the metrics hook. Methods the server does
 not implement answer UNIMPLEMENTED only to authenticated callers.
 
+Streaming calls are bounded per caller (``max_streams_per_principal``) and in
+total (``max_concurrent_streams``): each holds a worker thread for as long as
+it is open, so keep the total below the server's worker count and unary calls
+always find a free worker. Beyond a limit a new stream is refused
+RESOURCE_EXHAUSTED.
+
 Configure with :class:`~ambient_grpc_auth.server.config.ServerAuthConfig`, e.g.::
 
     interceptor = ServerAuthInterceptor.from_env(issuers=[...], owner_lookup=store.owner_of)
@@ -63,6 +69,10 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):
     def metrics(self) -> MetricsHook:
         return self._engine.metrics
 
+    def open_streams(self) -> int:
+        """Streaming calls open now, as counted against the stream limits."""
+        return self._engine.open_streams()
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
@@ -79,7 +89,11 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):
             if wrapped is None:
                 assert handler is not None  # admissions are only made for a handler
                 wrapped = decision.wrapped = wrap_sync_handler(
-                    handler, decision.principal, decision.check, self._engine.metrics
+                    handler,
+                    decision.principal,
+                    decision.check,
+                    self._engine.metrics,
+                    decision.open_stream,
                 )
             return wrapped
         if isinstance(decision, Denial):
