@@ -14,6 +14,12 @@ a database read per message. The hub is only a cache and a doorbell: the
 store's database stays the source of truth, and a watcher falls back to it
 whenever the tail does not hold the next seq.
 
+A watcher whose client stopped reading is recognised by
+:meth:`Subscription.outpaced`: while one of its sends waits on flow control,
+more messages (or payload) than a bound get published. The servicer then
+ends its stream and the client resumes from its last seq, reading the
+backlog at its own pace.
+
 One lock guards every topic; it is held for a few set, dict and short list
 operations, never across I/O, so taking it on an event loop does not stall it.
 """
@@ -147,6 +153,30 @@ class Subscription:
                 out.append(message)
                 expected += 1
         return tuple(out)
+
+    @property
+    def published(self) -> int:
+        """The highest seq announced on this session since its topic was created."""
+        return self._topic.published
+
+    def outpaced(self, since: int, max_messages: int, max_chars: int) -> bool:
+        """Whether more than ``max_messages`` messages, or more than
+        ``max_chars`` payload characters (as far as the tail holds them), were
+        published after seq ``since`` (a :attr:`published` value read
+        earlier). Costs at most ``max_messages`` steps, under the hub's lock."""
+        topic = self._topic
+        with topic.cond:
+            missing = topic.published - since
+            if missing <= 0:
+                return False
+            if missing > max_messages:
+                return True
+            chars = 0
+            for seq, size, _ in reversed(topic.tail):
+                if seq <= since:
+                    break
+                chars += size
+            return chars > max_chars
 
     def close(self) -> None:
         """End the subscription and wake its waiter (idempotent)."""

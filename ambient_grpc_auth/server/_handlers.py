@@ -37,7 +37,7 @@ Check = Callable[[Any], Denial | None]
 #: An admission's stream slot (see ``Admission.open_stream``).
 OpenStream = Callable[[], StreamSlot | Denial]
 
-_FACTORIES: Mapping[tuple[bool, bool], Callable[[Any], Handler]] = {
+_FACTORIES: Mapping[tuple[bool, bool], Callable[..., Handler]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,
@@ -45,9 +45,9 @@ _FACTORIES: Mapping[tuple[bool, bool], Callable[[Any], Handler]] = {
 }
 
 
-def rejecting_factory(handler: Handler | None) -> Callable[[Any], Handler]:
+def rejecting_factory(handler: Handler | None) -> Callable[..., Handler]:
     """The ``grpc.*_rpc_method_handler`` function that builds a handler of
-    ``handler``'s cardinality around a rejecting behaviour.
+    ``handler``'s cardinality around a rejecting behaviour (or any other).
 
     The rejecting handler gets no deserializer, so requests are not parsed.
     With no handler (an unknown method) it is stream-stream: that aborts
@@ -63,8 +63,10 @@ def release_on_end(context: Any, slot: StreamSlot) -> None:
     any reason, as a backstop to the handler's own ``finally``: a response
     generator the server stops iterating may be finalized late."""
     add_callback = getattr(context, "add_callback", None)
-    if add_callback is not None:  # sync: False when the call already ended
-        if not add_callback(slot.release):
+    if add_callback is not None:
+        # Sync servers answer False when the call already ended; grpc.aio's
+        # context for sync handlers answers None.
+        if add_callback(slot.release) is False:
             slot.release()
         return
     add_done_callback = getattr(context, "add_done_callback", None)
