@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := proto/ambient/v1/sessions.proto proto/ambient/testing/v1/echo.proto
 GEN_FILES := $(foreach p,$(PROTO_SRC),$(patsubst proto/%.proto,ambient_grpc_auth/proto/%,$(p)))
 
-.PHONY: install proto proto-check lint test demo bench bench-quick bench-hotpath soak soak-quick load buf-lint clean
+.PHONY: install proto proto-check lint test test-min demo bench bench-quick bench-hotpath bench-streams soak soak-quick load buf-lint clean
 
 install: $(STAMP)
 
@@ -46,6 +46,20 @@ lint: $(STAMP) buf-lint
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The tests against the lowest runtime dependency versions pyproject.toml
+# allows (pinned in constraints-min.txt), in a second environment.
+VENV_MIN  := .venv-min
+STAMP_MIN := $(VENV_MIN)/.installed
+
+$(STAMP_MIN): pyproject.toml constraints-min.txt
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install --quiet -c constraints-min.txt -e '.[test]'
+	touch $(STAMP_MIN)
+
+test-min: $(STAMP_MIN)
+	$(VENV_MIN)/bin/python -m pytest -q
+
 demo: $(STAMP)
 	$(VENV)/bin/ambient-grpc-auth demo
 
@@ -58,6 +72,11 @@ bench-quick: $(STAMP)
 bench-hotpath: $(STAMP)
 	$(PY) -m bench.hotpath
 
+# Streams nobody reads: another user's push latency and the server's memory
+# growth under the default stream limits (figures printed, not asserted).
+bench-streams: $(STAMP)
+	$(PY) -m bench.streams
+
 soak: $(STAMP)
 	$(PY) -m bench.soak
 
@@ -69,4 +88,4 @@ load: $(STAMP)
 	$(PY) -m bench.load
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

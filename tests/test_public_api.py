@@ -254,6 +254,7 @@ PUBLIC: dict[str, list[str]] = {
         "SessionStoreError",
         "WATCH_MAX_LAG_CHARS",
         "WATCH_MAX_LAG_MESSAGES",
+        "WATCH_MAX_SEND_WAIT",
         "check_push_allowed",
         "ended_status",
         "status_of",

@@ -30,6 +30,7 @@ from typing import Final
 
 import grpc
 
+from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.store import (
@@ -37,6 +38,7 @@ from ambient_grpc_auth.reference.store import (
     PAGE_SIZE,
     WATCH_MAX_LAG_CHARS,
     WATCH_MAX_LAG_MESSAGES,
+    WATCH_MAX_SEND_WAIT,
     SessionStore,
     SessionStoreError,
     check_push_allowed,
@@ -57,9 +59,10 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     serves every call). Refusals are sent with :func:`status_of`'s code and a
     generic message; each watch holds one server worker thread while open.
 
-    A watch while one of whose sends more than ``max_lag_messages`` messages
-    or ``max_lag_chars`` payload characters were published (its client
-    stopped reading) is ended with
+    A watch whose send waited at least ``max_send_wait`` seconds (its client
+    is not reading) while it fell more than ``max_lag_messages`` messages or
+    ``max_lag_chars`` payload characters behind what was published since it
+    began is ended with
     :data:`~ambient_grpc_auth.reference.store.BEHIND_STATUS` (ABORTED); the
     client helpers resume from their last seq."""
 
@@ -69,9 +72,13 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         *,
         max_lag_messages: int = WATCH_MAX_LAG_MESSAGES,
         max_lag_chars: int = WATCH_MAX_LAG_CHARS,
+        max_send_wait: float = WATCH_MAX_SEND_WAIT,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
         self._max_lag = (max_lag_messages, max_lag_chars)
+        self._max_send_wait = max_send_wait
+        self._clock = clock
 
     def GetSession(
         self, request: sessions_pb2.GetSessionRequest, context: grpc.ServicerContext
@@ -131,11 +138,13 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
                 for message in batch:
                     # The yield returns once the message is sent: the send of
                     # a client that stopped reading waits on flow control
-                    # while messages pile up.
-                    published = subscription.published
+                    # while messages pile up behind it.
+                    started = self._clock.monotonic()
                     yield message
                     last = message.seq
-                    if subscription.outpaced(published, *self._max_lag):
+                    if self._clock.monotonic() - started >= self._max_send_wait and (
+                        subscription.behind(last, *self._max_lag)
+                    ):
                         context.abort(*BEHIND_STATUS)
                 if more:
                     continue

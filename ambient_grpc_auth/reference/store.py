@@ -51,6 +51,7 @@ __all__ = [
     "PAGE_SIZE",
     "WATCH_MAX_LAG_CHARS",
     "WATCH_MAX_LAG_MESSAGES",
+    "WATCH_MAX_SEND_WAIT",
     "MessagePage",
     "SessionStore",
     "SessionStoreError",
@@ -128,11 +129,15 @@ def ended_status(subscription: Subscription) -> tuple[grpc.StatusCode, str] | No
 #: (:func:`ambient_grpc_auth.client.sessions.watch` and its aio twin) resume
 #: from their last delivered seq, reading the backlog at their own pace.
 BEHIND_STATUS: Final = (grpc.StatusCode.ABORTED, "watch fell behind; resume from after_seq")
-#: A watch during one of whose sends more than this many messages, or payload
-#: characters, were published is ended with :data:`BEHIND_STATUS`: its client
-#: is not reading, and the backlog is better read from the database later.
+#: A watch more than this many messages, or payload characters, behind what
+#: was published since it began, after a send that waited at least
+#: :data:`WATCH_MAX_SEND_WAIT` seconds for its client, is ended with
+#: :data:`BEHIND_STATUS`: its client is not reading, and the backlog is better
+#: read from the database later, at the client's pace. (A client that reads
+#: promptly is never cut, however far a burst of pushes puts it behind.)
 WATCH_MAX_LAG_MESSAGES: Final = 1024
 WATCH_MAX_LAG_CHARS: Final = 1 << 20
+WATCH_MAX_SEND_WAIT: Final = 1.0
 
 
 def _invalid(message: str) -> SessionStoreError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import pytest
@@ -29,7 +30,7 @@ MAX_LAG = 4
 CLIENT_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 
 
-def _start(kind: str, store: SessionStore, **limits: int) -> RunningServer:
+def _start(kind: str, store: SessionStore, **limits: Any) -> RunningServer:
     if kind == "sync":
         pool = futures.ThreadPoolExecutor(max_workers=4)
         server = grpc.server(pool)
@@ -68,7 +69,7 @@ def test_slow_watcher_is_cut_and_the_helper_resumes_exactly_once(
 ) -> None:
     sid = store.create_session("lag").metadata.id
     store.append(sid, "t", "first")
-    server = _start(kind, store, max_lag_messages=MAX_LAG)
+    server = _start(kind, store, max_lag_messages=MAX_LAG, max_send_wait=0.0)
     channel = grpc.insecure_channel(server.target, options=CLIENT_OPTIONS)
     endings: list[str] = []
     try:
@@ -96,7 +97,7 @@ def test_slow_watcher_sees_aborted_resume_from_after_seq(kind: str, store: Sessi
     """The status a cut watcher gets is one the client helpers resume on."""
     sid = store.create_session("lag").metadata.id
     store.append(sid, "t", "first")
-    server = _start(kind, store, max_lag_messages=MAX_LAG)
+    server = _start(kind, store, max_lag_messages=MAX_LAG, max_send_wait=0.0)
     channel = grpc.insecure_channel(server.target, options=CLIENT_OPTIONS)
     stub = pb_grpc.SessionServiceStub(channel)
     try:
@@ -116,18 +117,19 @@ def test_slow_watcher_sees_aborted_resume_from_after_seq(kind: str, store: Sessi
         server.stop()
 
 
-def test_outpaced_counts_messages_and_payload_published_since() -> None:
+def test_lag_counts_only_what_was_published_after_the_watch_began() -> None:
+    """Replaying an old backlog at the client's pace is never "behind"; the
+    byte bound is the payload characters of the missing messages."""
     hub = Hub()
     sub = hub.subscribe("s")
     assert sub is not None
-    since = sub.published
-    assert not sub.outpaced(since, max_messages=2, max_chars=100)
-    for seq in (1, 2):
-        hub.publish("s", pb.SessionMessage(seq=seq), 10)
-    assert sub.published == 2
-    assert not sub.outpaced(since, max_messages=2, max_chars=100)
-    assert sub.outpaced(since, max_messages=2, max_chars=19)  # 20 chars published
-    hub.publish("s", pb.SessionMessage(seq=3), 10)
-    assert sub.outpaced(since, max_messages=2, max_chars=100)  # 3 messages
-    assert not sub.outpaced(3, max_messages=0, max_chars=0)
+    assert not sub.behind(0, max_messages=2, max_chars=100)
+    hub.publish("s", pb.SessionMessage(seq=1001), 10)  # the watcher replays seqs 1..1000
+    assert not sub.behind(5, max_messages=2, max_chars=100)
+    hub.publish("s", pb.SessionMessage(seq=1002), 10)
+    hub.publish("s", pb.SessionMessage(seq=1003), 10)
+    assert sub.behind(5, max_messages=2, max_chars=100)  # 3 live messages missing
+    assert not sub.behind(1001, max_messages=2, max_chars=100)
+    assert sub.behind(1001, max_messages=2, max_chars=19)  # 20 chars missing
+    assert not sub.behind(1003, max_messages=0, max_chars=0)
     sub.close()

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import grpc.aio
 
+from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.store import (
@@ -25,6 +26,7 @@ from ambient_grpc_auth.reference.store import (
     PAGE_SIZE,
     WATCH_MAX_LAG_CHARS,
     WATCH_MAX_LAG_MESSAGES,
+    WATCH_MAX_SEND_WAIT,
     SessionStore,
     SessionStoreError,
     check_push_allowed,
@@ -48,9 +50,13 @@ class AsyncSessionServicer(sessions_pb2_grpc.SessionServiceServicer):
         *,
         max_lag_messages: int = WATCH_MAX_LAG_MESSAGES,
         max_lag_chars: int = WATCH_MAX_LAG_CHARS,
+        max_send_wait: float = WATCH_MAX_SEND_WAIT,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
         self._max_lag = (max_lag_messages, max_lag_chars)
+        self._max_send_wait = max_send_wait
+        self._clock = clock
 
     async def GetSession(
         self, request: sessions_pb2.GetSessionRequest, context: _Context
@@ -110,11 +116,13 @@ class AsyncSessionServicer(sessions_pb2_grpc.SessionServiceServicer):
                 for message in batch:
                     # The yield returns once the message is sent: the send of
                     # a client that stopped reading waits on flow control
-                    # while messages pile up.
-                    published = subscription.published
+                    # while messages pile up behind it.
+                    started = self._clock.monotonic()
                     yield message
                     last = message.seq
-                    if subscription.outpaced(published, *self._max_lag):
+                    if self._clock.monotonic() - started >= self._max_send_wait and (
+                        subscription.behind(last, *self._max_lag)
+                    ):
                         await context.abort(*BEHIND_STATUS)
                 if not more:
                     await subscription.wait_async(last)
