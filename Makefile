@@ -54,6 +54,8 @@ STAMP_MIN := $(VENV_MIN)/.installed
 $(STAMP_MIN): pyproject.toml constraints-min.txt
 	$(PYTHON) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	# The build requirements too: a test builds the wheel without isolation.
+	$(VENV_MIN)/bin/python -m pip install --quiet 'setuptools>=77' wheel
 	$(VENV_MIN)/bin/python -m pip install --quiet -c constraints-min.txt -e '.[test]'
 	touch $(STAMP_MIN)
 
