@@ -54,9 +54,11 @@ STAMP_MIN := $(VENV_MIN)/.installed
 $(STAMP_MIN): pyproject.toml constraints-min.txt
 	$(PYTHON) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
-	# The build requirements too: a test builds the wheel without isolation.
+	# The build requirements and the pinned stub generator too: tests build
+	# the wheel without isolation and compare stubs with protoc's.
 	$(VENV_MIN)/bin/python -m pip install --quiet 'setuptools>=77' wheel
-	$(VENV_MIN)/bin/python -m pip install --quiet -c constraints-min.txt -e '.[test]'
+	$(VENV_MIN)/bin/python -m pip install --quiet -c constraints-min.txt -e '.[test]' \
+		grpcio-tools==1.85.1
 	touch $(STAMP_MIN)
 
 test-min: $(STAMP_MIN)
