@@ -10,7 +10,7 @@ RUNTIME_STAMP := $(VENV)/.installed-runtime
 PROTO_SRC := proto/ambient/v1/sessions.proto proto/ambient/testing/v1/echo.proto
 GEN_FILES := $(foreach p,$(PROTO_SRC),$(patsubst proto/%.proto,ambient_grpc_auth/proto/%,$(p)))
 
-.PHONY: install install-runtime proto proto-check lint test demo bench bench-quick bench-hotpath soak soak-quick load buf-lint hadolint clean
+.PHONY: install install-runtime proto proto-check lint test test-min demo bench bench-quick bench-hotpath bench-streams soak soak-quick load buf-lint hadolint clean
 
 install: $(STAMP)
 
@@ -62,6 +62,24 @@ lint: $(STAMP) buf-lint hadolint
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The tests against the lowest runtime dependency versions pyproject.toml
+# allows (pinned in constraints-min.txt), in a second environment.
+VENV_MIN  := .venv-min
+STAMP_MIN := $(VENV_MIN)/.installed
+
+$(STAMP_MIN): pyproject.toml constraints-min.txt
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	# The build requirements and the pinned stub generator too: tests build
+	# the wheel without isolation and compare stubs with protoc's.
+	$(VENV_MIN)/bin/python -m pip install --quiet 'setuptools>=77' wheel
+	$(VENV_MIN)/bin/python -m pip install --quiet -c constraints-min.txt -e '.[test]' \
+		grpcio-tools==1.85.1
+	touch $(STAMP_MIN)
+
+test-min: $(STAMP_MIN)
+	$(VENV_MIN)/bin/python -m pytest -q
+
 demo: $(RUNTIME_STAMP)
 	$(VENV)/bin/ambient-grpc-auth demo
 
@@ -74,6 +92,11 @@ bench-quick: $(STAMP)
 bench-hotpath: $(STAMP)
 	$(PY) -m bench.hotpath
 
+# Streams nobody reads: another user's push latency and the server's memory
+# growth under the default stream limits (figures printed, not asserted).
+bench-streams: $(STAMP)
+	$(PY) -m bench.streams
+
 soak: $(STAMP)
 	$(PY) -m bench.soak
 
@@ -85,4 +108,4 @@ load: $(STAMP)
 	$(PY) -m bench.load
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MIN) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

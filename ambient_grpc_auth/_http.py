@@ -287,6 +287,16 @@ def _opener(tls_context: ssl.SSLContext | None) -> urllib.request.OpenerDirector
 
 
 _DEFAULT_OPENER = _opener(None)
+# Always an explicit context for aiohttp: before 3.10 it read ``ssl=True`` as
+# "do not verify" (the dependency floor allows 3.9). Created once, on first use.
+_default_tls_context: ssl.SSLContext | None = None
+
+
+def _verifying_context() -> ssl.SSLContext:
+    global _default_tls_context
+    if _default_tls_context is None:
+        _default_tls_context = ssl.create_default_context()
+    return _default_tls_context
 
 
 def _read_sync(response: Any, limit: _BoundedBody) -> bytes:
@@ -375,7 +385,7 @@ async def request_async(
                 data=body,
                 headers=_request_headers(headers),
                 allow_redirects=False,
-                ssl=tls_context if tls_context is not None else True,
+                ssl=tls_context if tls_context is not None else _verifying_context(),
             ) as response,
         ):
             limit.declared(response.content_length)
@@ -388,6 +398,9 @@ async def request_async(
         raise
     except TimeoutError:
         raise TransportError("timed out") from None
+    except aiohttp.ClientConnectorCertificateError as exc:
+        # Its os_error is unset before aiohttp 3.10 (the floor allows 3.9).
+        raise TransportError(_os_error_name(exc.certificate_error)) from None
     except aiohttp.ClientConnectorError as exc:
         raise TransportError(_os_error_name(exc.os_error)) from None
     except (aiohttp.ClientError, OSError) as exc:

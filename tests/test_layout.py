@@ -157,3 +157,30 @@ def test_the_wheel_holds_the_package_only(tmp_path: Path) -> None:
     assert f"{ROOT}/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert f"{ROOT}/proto/ambient/v1/sessions_pb2.pyi" in names
+
+
+def test_minimum_constraints_pin_every_runtime_floor() -> None:
+    """constraints-min.txt (the `make test-min` run) pins each runtime
+    dependency at exactly the floor pyproject.toml declares."""
+    import re
+    import tomllib
+
+    repo = PACKAGE.parent
+    declared: dict[str, str] = {}
+    for spec in tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?>=([0-9][^,;\s]*).*", spec)
+        assert match, f"dependency without a floor: {spec}"
+        declared[match.group(1).lower().replace("_", "-")] = match.group(2)
+    pinned: dict[str, str] = {}
+    for line in (repo / "constraints-min.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pinned[name.lower().replace("_", "-")] = version
+
+    def same(a: str, b: str) -> bool:
+        pad = lambda v: (v.split(".") + ["0", "0"])[:3]  # noqa: E731
+        return pad(a) == pad(b)
+
+    assert pinned.keys() == declared.keys()
+    assert all(same(pinned[n], declared[n]) for n in declared), (pinned, declared)

@@ -405,6 +405,7 @@ JWT_REASONS = {
     "not_a_jwt",
     "unknown_issuer",
     "malformed",
+    "unsupported_crit",
     "alg_not_allowed",
     "alg_key_mismatch",
     "unknown_kid",

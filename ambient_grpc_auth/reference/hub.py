@@ -14,6 +14,12 @@ a database read per message. The hub is only a cache and a doorbell: the
 store's database stays the source of truth, and a watcher falls back to it
 whenever the tail does not hold the next seq.
 
+A watcher that falls behind (its client stopped reading: its sends wait
+while messages keep coming) is told so by :meth:`Subscription.behind`,
+counted from the first message published after it subscribed, so that
+replaying an old backlog never counts; the servicer then ends its stream and
+the client resumes from its last seq, reading the backlog at its own pace.
+
 One lock guards every topic; it is held for a few set, dict and short list
 operations, never across I/O, so taking it on an event loop does not stall it.
 """
@@ -42,13 +48,14 @@ def _seq_of(entry: _Entry) -> int:
 
 
 class _Topic:
-    __slots__ = ("armed", "cond", "published", "subscribers", "tail", "tail_chars")
+    __slots__ = ("armed", "cond", "floorless", "published", "subscribers", "tail", "tail_chars")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.cond = threading.Condition(lock)
         self.published = 0  # highest seq announced since the topic was created
         self.subscribers: set[Subscription] = set()
         self.armed: set[Subscription] = set()  # aio waiters currently suspended
+        self.floorless: set[Subscription] = set()  # no publish seen since subscribing
         # Sorted by seq, bounded by _TAIL_MESSAGES and _TAIL_CHARS. Only kept
         # while someone watches (the topic goes with its last subscriber).
         self.tail: list[_Entry] = []
@@ -82,7 +89,7 @@ class Subscription:
     once and :attr:`active` is False; :attr:`hub_closed` tells the two apart.
     """
 
-    __slots__ = ("_active", "_hub", "_hub_closed", "_topic", "_waker", "session_id")
+    __slots__ = ("_active", "_floor", "_hub", "_hub_closed", "_topic", "_waker", "session_id")
 
     def __init__(self, hub: Hub, session_id: str, topic: _Topic) -> None:
         self._hub = hub
@@ -91,6 +98,9 @@ class Subscription:
         self._active = True
         self._hub_closed = False
         self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        # The seq before the first one published after subscribing (None
+        # until then): lag is counted above it.
+        self._floor: int | None = None
 
     @property
     def active(self) -> bool:
@@ -148,6 +158,29 @@ class Subscription:
                 expected += 1
         return tuple(out)
 
+    def behind(self, after_seq: int, max_messages: int, max_chars: int) -> bool:
+        """Whether a watcher that has sent up to ``after_seq`` is more than
+        ``max_messages`` messages, or ``max_chars`` payload characters (as far
+        as the tail holds them), behind what was published since it
+        subscribed. Costs at most ``max_messages`` steps, under the hub's lock."""
+        topic = self._topic
+        with topic.cond:
+            floor = self._floor
+            if floor is None:
+                return False
+            base = max(after_seq, floor)
+            missing = topic.published - base
+            if missing <= 0:
+                return False
+            if missing > max_messages:
+                return True
+            chars = 0
+            for seq, size, _ in reversed(topic.tail):
+                if seq <= base:
+                    break
+                chars += size
+            return chars > max_chars
+
     def close(self) -> None:
         """End the subscription and wake its waiter (idempotent)."""
         self._hub.end(self)
@@ -187,6 +220,7 @@ class Hub:
                 topic = self._topics[session_id] = _Topic(self._lock)
             sub = Subscription(self, session_id, topic)
             topic.subscribers.add(sub)
+            topic.floorless.add(sub)
             return sub
 
     def publish(self, session_id: str, message: sessions_pb2.SessionMessage, chars: int) -> None:
@@ -201,6 +235,10 @@ class Hub:
                 return
             if message.seq > topic.published:
                 topic.published = message.seq
+            if topic.floorless:
+                for sub in topic.floorless:
+                    sub._floor = message.seq - 1
+                topic.floorless.clear()
             topic.remember(message, chars)
             topic.cond.notify_all()
             if not topic.armed:
@@ -227,6 +265,7 @@ class Hub:
         sub._hub_closed = hub_closed
         topic = sub._topic
         topic.subscribers.discard(sub)
+        topic.floorless.discard(sub)
         if not topic.subscribers and self._topics.get(sub.session_id) is topic:
             del self._topics[sub.session_id]
         topic.cond.notify_all()

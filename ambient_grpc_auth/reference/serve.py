@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import signal
@@ -43,6 +44,7 @@ __all__ = [
     "run_session_server",
     "start_aio_session_server",
     "start_sync_session_server",
+    "sync_stream_limit",
 ]
 
 _log = logging.getLogger(__name__)
@@ -156,6 +158,13 @@ class SyncSessionServer:
         self.server.stop(grace).wait()
 
 
+def sync_stream_limit(max_workers: int) -> int:
+    """How many of a sync server's ``max_workers`` threads streams may hold:
+    three quarters, so that a quarter (at least one) is always left to unary
+    calls."""
+    return max(1, max_workers - max(1, max_workers // 4))
+
+
 def start_sync_session_server(
     store: SessionStore,
     config: ServerAuthConfig,
@@ -168,7 +177,14 @@ def start_sync_session_server(
     """Start a sync server. Every open watch holds one of ``max_workers``
     threads; prefer the aio server for many concurrent watchers.
     ``reflection=False`` leaves server reflection out (reflection calls then
-    get UNIMPLEMENTED)."""
+    get UNIMPLEMENTED).
+
+    ``config.max_concurrent_streams`` is lowered to
+    :func:`sync_stream_limit` ``(max_workers)`` when unset or higher, so that
+    streams nobody reads can never take the workers unary calls need."""
+    limit = sync_stream_limit(max_workers)
+    if config.max_concurrent_streams is None or config.max_concurrent_streams > limit:
+        config = dataclasses.replace(config, max_concurrent_streams=limit)
     interceptor = ServerAuthInterceptor(config=config)
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ambient-rpc")
     server = grpc.server(pool, interceptors=[interceptor], options=_SERVER_OPTIONS)

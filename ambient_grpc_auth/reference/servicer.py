@@ -30,10 +30,15 @@ from typing import Final
 
 import grpc
 
+from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.store import (
+    BEHIND_STATUS,
     PAGE_SIZE,
+    WATCH_MAX_LAG_CHARS,
+    WATCH_MAX_LAG_MESSAGES,
+    WATCH_MAX_SEND_WAIT,
     SessionStore,
     SessionStoreError,
     check_push_allowed,
@@ -52,10 +57,28 @@ _POLL_SECONDS: Final = 1.0
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     """Sync servicer over a :class:`SessionStore` (thread-safe; one instance
     serves every call). Refusals are sent with :func:`status_of`'s code and a
-    generic message; each watch holds one server worker thread while open."""
+    generic message; each watch holds one server worker thread while open.
 
-    def __init__(self, store: SessionStore) -> None:
+    A watch whose send waited at least ``max_send_wait`` seconds (its client
+    is not reading) while it fell more than ``max_lag_messages`` messages or
+    ``max_lag_chars`` payload characters behind what was published since it
+    began is ended with
+    :data:`~ambient_grpc_auth.reference.store.BEHIND_STATUS` (ABORTED); the
+    client helpers resume from their last seq."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        max_lag_messages: int = WATCH_MAX_LAG_MESSAGES,
+        max_lag_chars: int = WATCH_MAX_LAG_CHARS,
+        max_send_wait: float = WATCH_MAX_SEND_WAIT,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._store = store
+        self._max_lag = (max_lag_messages, max_lag_chars)
+        self._max_send_wait = max_send_wait
+        self._clock = clock
 
     def GetSession(
         self, request: sessions_pb2.GetSessionRequest, context: grpc.ServicerContext
@@ -114,8 +137,16 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
                         context.abort(*status_of(exc))
                     batch, more = page.messages, page.more
                 for message in batch:
+                    # The yield returns once the message is sent: the send of
+                    # a client that stopped reading waits on flow control
+                    # while messages pile up behind it.
+                    started = self._clock.monotonic()
                     yield message
                     last = message.seq
+                    if self._clock.monotonic() - started >= self._max_send_wait and (
+                        subscription.behind(last, *self._max_lag)
+                    ):
+                        context.abort(*BEHIND_STATUS)
                 if more:
                     continue
                 while not subscription.wait(last, timeout=_POLL_SECONDS):

@@ -43,12 +43,16 @@ from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2
 from ambient_grpc_auth.reference.hub import Hub, Subscription
 
 __all__ = [
+    "BEHIND_STATUS",
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "MAX_EVENT_TYPE_CHARS",
     "MAX_ID_CHARS",
     "MAX_NAME_CHARS",
     "PAGE_BYTES",
     "PAGE_SIZE",
+    "WATCH_MAX_LAG_CHARS",
+    "WATCH_MAX_LAG_MESSAGES",
+    "WATCH_MAX_SEND_WAIT",
     "MessagePage",
     "SessionStore",
     "SessionStoreError",
@@ -125,6 +129,21 @@ def ended_status(subscription: Subscription) -> tuple[grpc.StatusCode, str] | No
     """How a watch whose subscription ended finishes: UNAVAILABLE when the
     store was closed (the client should resume elsewhere), else normally (None)."""
     return status_of(_closed()) if subscription.hub_closed else None
+
+
+#: How a watch that fell behind ends: ABORTED, which the client helpers
+#: (:func:`ambient_grpc_auth.client.sessions.watch` and its aio twin) resume
+#: from their last delivered seq, reading the backlog at their own pace.
+BEHIND_STATUS: Final = (grpc.StatusCode.ABORTED, "watch fell behind; resume from after_seq")
+#: A watch more than this many messages, or payload characters, behind what
+#: was published since it began, after a send that waited at least
+#: :data:`WATCH_MAX_SEND_WAIT` seconds for its client, is ended with
+#: :data:`BEHIND_STATUS`: its client is not reading, and the backlog is better
+#: read from the database later, at the client's pace. (A client that reads
+#: promptly is never cut, however far a burst of pushes puts it behind.)
+WATCH_MAX_LAG_MESSAGES: Final = 1024
+WATCH_MAX_LAG_CHARS: Final = 1 << 20
+WATCH_MAX_SEND_WAIT: Final = 1.0
 
 
 def _invalid(message: str) -> SessionStoreError:

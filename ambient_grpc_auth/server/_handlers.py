@@ -3,8 +3,10 @@
 - :func:`rejecting_factory` picks the handler factory of a method's
   cardinality for a rejecting handler (both interceptors);
 - :func:`wrap_sync_handler` wraps a sync behaviour with the request check of
-  an :class:`~ambient_grpc_auth.server.engine.Admission` and its principal
-  (the sync interceptor, and the aio interceptor for sync servicer methods).
+  an :class:`~ambient_grpc_auth.server.engine.Admission`, its stream slot and
+  its principal (the sync interceptor, and the aio interceptor for sync
+  servicer methods);
+- :func:`release_on_end` releases a stream slot when the call ends.
 
 Nothing here decides anything: the decisions come from
 :mod:`ambient_grpc_auth.server.engine`.
@@ -25,14 +27,17 @@ from ambient_grpc_auth.principal import (
     reset_current_principal,
     set_current_principal,
 )
+from ambient_grpc_auth.server._streams import StreamSlot
 from ambient_grpc_auth.server.engine import Denial
 from ambient_grpc_auth.server.metrics import MetricsHook
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 #: An admission's request check (see ``Admission.check``).
 Check = Callable[[Any], Denial | None]
+#: An admission's stream slot (see ``Admission.open_stream``).
+OpenStream = Callable[[], StreamSlot | Denial]
 
-_FACTORIES: Mapping[tuple[bool, bool], Callable[[Any], Handler]] = {
+_FACTORIES: Mapping[tuple[bool, bool], Callable[..., Handler]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,
@@ -40,9 +45,9 @@ _FACTORIES: Mapping[tuple[bool, bool], Callable[[Any], Handler]] = {
 }
 
 
-def rejecting_factory(handler: Handler | None) -> Callable[[Any], Handler]:
+def rejecting_factory(handler: Handler | None) -> Callable[..., Handler]:
     """The ``grpc.*_rpc_method_handler`` function that builds a handler of
-    ``handler``'s cardinality around a rejecting behaviour.
+    ``handler``'s cardinality around a rejecting behaviour (or any other).
 
     The rejecting handler gets no deserializer, so requests are not parsed.
     With no handler (an unknown method) it is stream-stream: that aborts
@@ -51,6 +56,31 @@ def rejecting_factory(handler: Handler | None) -> Callable[[Any], Handler]:
     if handler is None:
         return grpc.stream_stream_rpc_method_handler
     return _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+
+
+def release_on_end(context: Any, slot: StreamSlot) -> None:
+    """Release ``slot`` when the call of ``context`` (sync or aio) ends for
+    any reason, as a backstop to the handler's own ``finally``: a response
+    generator the server stops iterating may be finalized late."""
+    add_callback = getattr(context, "add_callback", None)
+    if add_callback is not None:
+        # Sync servers answer False when the call already ended; grpc.aio's
+        # context for sync handlers answers None.
+        if add_callback(slot.release) is False:
+            slot.release()
+        return
+    add_done_callback = getattr(context, "add_done_callback", None)
+    if add_done_callback is not None:  # grpc.aio
+        add_done_callback(lambda _context: slot.release())
+
+
+def _stream_slot(open_stream: OpenStream, context: grpc.ServicerContext) -> StreamSlot:
+    """A slot for this streaming call, or abort with the denial."""
+    slot = open_stream()
+    if not isinstance(slot, StreamSlot):
+        context.abort(*slot)
+    release_on_end(context, slot)
+    return slot
 
 
 def _scoped_iteration(principal: Principal, start: Callable[[], Any]) -> Iterator[Any]:
@@ -104,11 +134,17 @@ def _checked_later(
 
 
 def wrap_sync_handler(
-    handler: Handler, principal: Principal, check: Check | None, metrics: MetricsHook
+    handler: Handler,
+    principal: Principal,
+    check: Check | None,
+    metrics: MetricsHook,
+    open_stream: OpenStream,
 ) -> Handler:
     """``handler`` with ``check`` applied to its request(s), the call counted
     as allowed once the first request passes, and ``principal`` current while
-    its behaviour runs.
+    its behaviour runs. A streaming call first takes a slot from
+    ``open_stream`` (before reading any request, so a stream that never sends
+    one counts too) and holds it until the call ends.
 
     Response-streaming behaviours are generator functions so that nothing,
     not even the check, runs before the first ``next()``: grpc.aio calls sync
@@ -136,10 +172,14 @@ def wrap_sync_handler(
         assert unary_stream is not None
 
         def us(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            if check is not None and (denial := check(request)) is not None:
-                context.abort(*denial)
-            metrics.allowed()
-            yield from _scoped_iteration(principal, lambda: unary_stream(request, context))
+            slot = _stream_slot(open_stream, context)
+            try:
+                if check is not None and (denial := check(request)) is not None:
+                    context.abort(*denial)
+                metrics.allowed()
+                yield from _scoped_iteration(principal, lambda: unary_stream(request, context))
+            finally:
+                slot.release()
 
         return grpc.unary_stream_rpc_method_handler(us, deserializer, serializer)
     if not handler.response_streaming:
@@ -147,18 +187,26 @@ def wrap_sync_handler(
         assert stream_unary is not None
 
         def su(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            checked = requests if check is None else _checked_requests(requests, check, context)
-            metrics.allowed()
-            with principal_scope(principal):
-                return stream_unary(checked, context)
+            slot = _stream_slot(open_stream, context)
+            try:
+                checked = requests if check is None else _checked_requests(requests, check, context)
+                metrics.allowed()
+                with principal_scope(principal):
+                    return stream_unary(checked, context)
+            finally:
+                slot.release()
 
         return grpc.stream_unary_rpc_method_handler(su, deserializer, serializer)
     stream_stream = handler.stream_stream
     assert stream_stream is not None
 
     def ss(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        checked = requests if check is None else _checked_requests(requests, check, context)
-        metrics.allowed()
-        yield from _scoped_iteration(principal, lambda: stream_stream(checked, context))
+        slot = _stream_slot(open_stream, context)
+        try:
+            checked = requests if check is None else _checked_requests(requests, check, context)
+            metrics.allowed()
+            yield from _scoped_iteration(principal, lambda: stream_stream(checked, context))
+        finally:
+            slot.release()
 
     return grpc.stream_stream_rpc_method_handler(ss, deserializer, serializer)

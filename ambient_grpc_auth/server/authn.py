@@ -295,6 +295,32 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+#: Header parameters RFC 7515/7518 define; ``crit`` may not name them.
+_STANDARD_HEADERS = frozenset(
+    {"alg", "jku", "jwk", "kid", "x5u", "x5c", "x5t", "x5t#S256", "typ", "cty", "crit"}
+)
+
+
+def _crit_reason(crit: object) -> str:
+    """Why a token with a ``crit`` header is refused (RFC 7515 section 4.1.11).
+
+    ``crit`` lists extensions the recipient must understand; this verifier
+    understands none, so every token carrying it is refused, whatever
+    version of PyJWT is installed: ``malformed`` when the value is not a
+    non-empty list of distinct strings naming non-standard parameters,
+    ``unsupported_crit`` otherwise.
+    """
+    if (
+        not isinstance(crit, list)
+        or not crit
+        or not all(isinstance(name, str) and name for name in crit)
+        or len(set(crit)) != len(crit)
+        or any(name in _STANDARD_HEADERS for name in crit)
+    ):
+        return "malformed"
+    return "unsupported_crit"
+
+
 class JwtAuthenticator:
     """Verifies JWTs from the configured :class:`TrustedIssuer` s with PyJWT.
 
@@ -346,6 +372,8 @@ class JwtAuthenticator:
             raise TokenRejectedError("alg_not_allowed")
         if (kid is not None and not isinstance(kid, str)) or header.get("b64", True) is not True:
             raise TokenRejectedError("malformed")
+        if "crit" in header:
+            raise TokenRejectedError(_crit_reason(header["crit"]))
         return _Candidate(issuer=issuer, alg=alg, kid=kid)
 
     def _verify(self, token: str, candidate: _Candidate, key: VerificationKey) -> Principal:

@@ -36,6 +36,8 @@ from ambient_grpc_auth.server.tokencache import VerifiedTokenCache
 
 __all__ = [
     "API_TOKEN_ENV",
+    "DEFAULT_MAX_STREAMS_PER_PRINCIPAL",
+    "DEFAULT_OWNER_LOOKUP_WORKERS",
     "SERVICE_ACCOUNT_ENV",
     "SERVICE_ACCOUNT_ISSUER_ENV",
     "OwnerLookup",
@@ -45,6 +47,9 @@ __all__ = [
 API_TOKEN_ENV = "AMBIENT_API_TOKEN"  # noqa: S105 (a variable name)
 SERVICE_ACCOUNT_ENV = "GRPC_SERVICE_ACCOUNT"
 SERVICE_ACCOUNT_ISSUER_ENV = "GRPC_SERVICE_ACCOUNT_ISSUER"
+#: A runner watches its session with one or two streams; a user's tools a few.
+DEFAULT_MAX_STREAMS_PER_PRINCIPAL = 16
+DEFAULT_OWNER_LOOKUP_WORKERS = 8
 
 #: ``session_id -> owner`` (``None`` when unknown or ownerless): the owner's
 #: :class:`~ambient_grpc_auth.principal.Identity` ``(issuer, subject)``, or a
@@ -98,6 +103,30 @@ class ServerAuthConfig:
     token_cache: VerifiedTokenCache | None = field(default_factory=VerifiedTokenCache)
     #: Longest ``authorization`` value read; a longer one is UNAUTHENTICATED.
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
+    #: Streaming calls one caller (one token's identity) may hold open at
+    #: once; beyond it a new one is refused RESOURCE_EXHAUSTED. A stream
+    #: counts until it ends for any reason (cancellation included). ``None``:
+    #: no limit.
+    max_streams_per_principal: int | None = DEFAULT_MAX_STREAMS_PER_PRINCIPAL
+    #: Streaming calls all callers together may hold open (RESOURCE_EXHAUSTED
+    #: beyond it); ``None``: no limit. On a sync server set it below the
+    #: worker count, so that streams can never hold every worker and unary
+    #: calls always find one
+    #: (:func:`~ambient_grpc_auth.reference.serve.start_sync_session_server`
+    #: does).
+    max_concurrent_streams: int | None = None
+    #: Threads the aio interceptor runs owner lookups in (its own pool, not
+    #: the event loop's default executor, so that nothing else queued there,
+    #: such as key fetches, can delay them).
+    owner_lookup_workers: int = DEFAULT_OWNER_LOOKUP_WORKERS
+
+    def __post_init__(self) -> None:
+        for name in ("max_streams_per_principal", "max_concurrent_streams"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigurationError(f"{name} must be >= 1 or None")
+        if self.owner_lookup_workers < 1:
+            raise ConfigurationError("owner_lookup_workers must be >= 1")
 
     @classmethod
     def from_env(

@@ -25,7 +25,11 @@ work:
 7. **Method rule.** A denying rule answers PERMISSION_DENIED.
 8. **Admission.** An :class:`Admission` carries the principal and the
    request phase; the adapter runs the handler with the principal current
-   (:func:`ambient_grpc_auth.principal.current_principal`).
+   (:func:`ambient_grpc_auth.principal.current_principal`). A streaming
+   method's handler first takes a slot (:meth:`Admission.open_stream`):
+   beyond ``max_streams_per_principal`` streams of its caller, or
+   ``max_concurrent_streams`` in all, the call is refused RESOURCE_EXHAUSTED
+   ("too many concurrent streams"); the slot is released when the call ends.
 
 :attr:`Admission.check` ``(request)``, inside the wrapped handler, on every
 request message, for methods whose rule names a session field:
@@ -60,6 +64,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import grpc
@@ -67,6 +72,7 @@ import grpc
 from ambient_grpc_auth._bearer import authorization_value, parse_bearer
 from ambient_grpc_auth.errors import TokenRejectedError
 from ambient_grpc_auth.principal import CallerKind, Identity, Principal
+from ambient_grpc_auth.server._streams import StreamLimiter, StreamSlot
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.policy import (
     MAX_SESSION_ID_CHARS,
@@ -119,6 +125,7 @@ _UNAUTH_MISSING = Denial(grpc.StatusCode.UNAUTHENTICATED, "authentication requir
 _UNAUTH_INVALID = Denial(grpc.StatusCode.UNAUTHENTICATED, "invalid credentials")
 _DENIED = Denial(grpc.StatusCode.PERMISSION_DENIED, "permission denied")
 _UNAVAILABLE = Denial(grpc.StatusCode.UNAVAILABLE, "authentication temporarily unavailable")
+_TOO_MANY_STREAMS = Denial(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent streams")
 
 
 def rejection_status(error: TokenRejectedError) -> Denial:
@@ -175,6 +182,24 @@ class AuthEngine:
         # Admissions of recent (token digest, method) pairs; see _authorized.
         self._memo: dict[tuple[bytes, str], Admission] = {}
         self._memo_lock = threading.Lock()
+        self._streams = StreamLimiter(
+            per_principal=config.max_streams_per_principal, total=config.max_concurrent_streams
+        )
+        self._lookup_pool: ThreadPoolExecutor | None = None
+
+    def open_streams(self, principal: Principal | None = None) -> int:
+        """Streaming calls open now (of ``principal``, or of everyone)."""
+        return self._streams.open_streams(principal)
+
+    def _lookup_executor(self) -> ThreadPoolExecutor:
+        # Created on first use: only the aio adapter runs lookups off-thread.
+        with self._memo_lock:
+            if self._lookup_pool is None:
+                self._lookup_pool = ThreadPoolExecutor(
+                    max_workers=self.config.owner_lookup_workers,
+                    thread_name_prefix="ambient-owner-lookup",
+                )
+            return self._lookup_pool
 
     def plan(self, method: str) -> tuple[bool, MethodRule]:
         """``(bypassed, rule)`` for ``method``, remembered for up to
@@ -295,6 +320,19 @@ class AuthEngine:
             )
         return denial
 
+    def _open_stream(self, method: str, principal: Principal) -> StreamSlot | Denial:
+        slot = self._streams.acquire(principal)
+        if slot is not None:
+            return slot
+        self.metrics.denied("too_many_streams")
+        _log.info(
+            "rejected %s for %r: too_many_streams (%s)",
+            method,
+            principal.username,
+            _TOO_MANY_STREAMS.code.name,
+        )
+        return _TOO_MANY_STREAMS
+
     def _lookup_failed(self, method: str, exc: Exception) -> Denial:
         _log.error("owner lookup failed on %s: %s", method, type(exc).__name__)
         return self._deny(
@@ -408,6 +446,12 @@ class Admission:
             None if rule.session_field is None else self._bound_check(rule.session_field)
         )
 
+    def open_stream(self) -> StreamSlot | Denial:
+        """For a streaming call, before its handler runs: a slot to release
+        (idempotently) when the call ends, or the denial (logged and
+        counted) when a stream limit is reached."""
+        return self._engine._open_stream(self.method, self.principal)
+
     def _bound_check(self, field_name: str) -> Callable[[Any], Denial | None]:
         """:meth:`decide` with the common outcome (a user's own session, a
         service in scope) reached in a few operations; anything else goes
@@ -470,7 +514,8 @@ class Admission:
 
     async def check_async(self, request: object) -> Denial | None:
         """:meth:`decide` without blocking the event loop: the owner lookup
-        runs in a worker thread unless configured inline."""
+        runs in the engine's own bounded pool of ``owner_lookup_workers``
+        threads (never the loop's default executor) unless configured inline."""
         outcome = self._before_owner(request)
         if not isinstance(outcome, str):
             return outcome
@@ -482,7 +527,9 @@ class Admission:
             elif engine._lookup_inline:
                 owner = lookup(outcome)
             else:
-                owner = await asyncio.to_thread(lookup, outcome)
+                owner = await asyncio.get_running_loop().run_in_executor(
+                    engine._lookup_executor(), lookup, outcome
+                )
         except Exception as exc:
             return engine._lookup_failed(self.method, exc)
         return self._owner_decision(owner)

@@ -13,13 +13,22 @@ Sources:
 
 JwksCache contract: the key set is fetched on first use; an unknown ``kid``
 triggers a refetch at most once per ``cooldown`` (monotonic clock), and so
-does a key set older than ``refresh_interval``. The lock is held across the
-fetch, so concurrent callers share one fetch (single flight) and then reuse
-its result. A failed fetch keeps the last good key set. Fetches go through
-the package's one bounded HTTP client (:mod:`ambient_grpc_auth._http`): bounded
-by ``timeout`` and ``max_bytes``, no redirects, no proxy environment
-variables. The async path resolves from memory inline and runs a due fetch in
-a worker thread, so it never blocks the event loop.
+does a key set older than ``refresh_interval``. One fetch runs at a time
+(single flight) and no lock is held while it runs:
+
+- a call whose ``kid`` is in the current key set never waits: a stale key set
+  is served while a background thread refreshes it;
+- a call whose ``kid`` is unknown while a fetch runs waits for that fetch,
+  at most ``timeout`` seconds; at most ``max_waiters`` calls wait at once,
+  further ones are answered UNAVAILABLE at once (so an unknown-``kid`` flood
+  during a slow fetch cannot hold every worker of a sync server).
+
+A failed fetch keeps the last good key set. Fetches go through the package's
+one bounded HTTP client (:mod:`ambient_grpc_auth._http`): bounded by
+``timeout`` and ``max_bytes``, no redirects, no proxy environment variables.
+The async path never blocks the event loop: it resolves from memory inline,
+waits for a running fetch without a thread, and runs a fetch it starts in a
+worker thread.
 
 Where keys may come from: ``https`` from any host; plain ``http`` only from
 loopback and cluster-local hosts (the policy of
@@ -39,6 +48,8 @@ has ever been loaded). Messages and logs never contain key bytes or tokens.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import enum
 import logging
 import os
 import ssl
@@ -67,6 +78,7 @@ from ambient_grpc_auth.server.metrics import MetricsHook
 __all__ = [
     "DEFAULT_JWKS_COOLDOWN",
     "DEFAULT_JWKS_MAX_BYTES",
+    "DEFAULT_JWKS_MAX_WAITERS",
     "DEFAULT_JWKS_REFRESH_INTERVAL",
     "DEFAULT_JWKS_TIMEOUT",
     "JwksCache",
@@ -81,6 +93,9 @@ DEFAULT_JWKS_COOLDOWN = 30.0
 DEFAULT_JWKS_REFRESH_INTERVAL = 600.0
 DEFAULT_JWKS_TIMEOUT = 5.0
 DEFAULT_JWKS_MAX_BYTES = 1024 * 1024
+#: Calls that may wait at once for a running fetch (unknown ``kid``). Keep it
+#: well below a sync server's worker count: each waiter holds a worker.
+DEFAULT_JWKS_MAX_WAITERS = 16
 _MAX_FILE_BYTES = 1024 * 1024
 
 
@@ -206,6 +221,20 @@ class _FetchError(Exception):
     pass
 
 
+class _Role(enum.Enum):
+    """What a call that missed the fresh key set does next."""
+
+    FOUND = "found"  # the key is known: use it (a refresh may run in the background)
+    MEMORY = "memory"  # no fetch is due: answer from the current key set
+    LEAD = "lead"  # run the fetch this call started
+    WAIT = "wait"  # wait for the running fetch (counted in the waiters)
+
+
+#: A fetch in progress; its result is whether it succeeded. Created running,
+#: so that a cancelled waiter (``asyncio.wrap_future``) cannot cancel it.
+_Flight = concurrent.futures.Future[bool]
+
+
 class JwksCache:
     """Keys from a JWKS URL with last-good caching and a refetch cooldown.
 
@@ -214,9 +243,9 @@ class JwksCache:
     ``bearer_token_file`` is re-read on every fetch and sent as
     ``Authorization: Bearer`` (the Kubernetes ``/openid/v1/jwks`` endpoint may
     require it). ``allow_insecure_remote`` permits a plain ``http`` URL whose
-    host is not loopback or cluster-local. Raises :class:`ConfigurationError`
-    for a bad URL or limits. Thread-safe; see the module docstring for the
-    contract.
+    host is not loopback or cluster-local. ``max_waiters`` bounds the calls
+    waiting for a running fetch. Raises :class:`ConfigurationError` for a bad
+    URL or limits. Thread-safe; see the module docstring for the contract.
     """
 
     def __init__(
@@ -228,6 +257,7 @@ class JwksCache:
         refresh_interval: float = DEFAULT_JWKS_REFRESH_INTERVAL,
         timeout: float = DEFAULT_JWKS_TIMEOUT,
         max_bytes: int = DEFAULT_JWKS_MAX_BYTES,
+        max_waiters: int = DEFAULT_JWKS_MAX_WAITERS,
         ca_file: str | os.PathLike[str] | None = None,
         bearer_token_file: str | os.PathLike[str] | None = None,
         metrics: MetricsHook | None = None,
@@ -242,7 +272,13 @@ class JwksCache:
             allow_flag="allow_insecure_remote=True",
         )
         self._display_url = safe_url(parts)
-        if cooldown < 0 or refresh_interval <= 0 or timeout <= 0 or max_bytes <= 0:
+        if (
+            cooldown < 0
+            or refresh_interval <= 0
+            or timeout <= 0
+            or max_bytes <= 0
+            or max_waiters < 0
+        ):
             raise ConfigurationError("JWKS cache limits must be positive")
         self._url = url
         self._clock = clock
@@ -250,16 +286,21 @@ class JwksCache:
         self._refresh_interval = refresh_interval
         self._timeout = timeout
         self._max_bytes = max_bytes
+        self._max_waiters = max_waiters
         self._token_file = bearer_token_file
         self._metrics = metrics
         self._tls_context = ssl.create_default_context(
             cafile=os.fspath(ca_file) if ca_file else None
         )
-        self._lock = threading.Lock()  # held across a fetch: single flight
+        # Guards the fields below for a few operations at a time; never held
+        # across a fetch, so taking it on an event loop is fine.
+        self._lock = threading.Lock()
         self._keys: Mapping[str, VerificationKey] | None = None
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._fetches = 0
+        self._flight: _Flight | None = None
+        self._waiters = 0
 
     @property
     def fetch_count(self) -> int:
@@ -270,6 +311,11 @@ class JwksCache:
     def keys(self) -> Mapping[str, VerificationKey] | None:
         """The current key set (``None`` before the first successful fetch)."""
         return self._keys
+
+    @property
+    def waiters(self) -> int:
+        """Calls currently waiting for a running fetch."""
+        return self._waiters
 
     def _fresh(self, now: float) -> bool:
         return self._fetched_at is not None and now - self._fetched_at < self._refresh_interval
@@ -283,48 +329,127 @@ class JwksCache:
             return None
         return _select(self._keys, kid)
 
+    def _start_locked(self, now: float) -> _Flight:
+        flight: _Flight = concurrent.futures.Future()
+        flight.set_running_or_notify_cancel()
+        self._flight = flight
+        self._attempted_at = now
+        self._fetches += 1
+        return flight
+
+    def _join(self, kid: str | None) -> tuple[_Role, VerificationKey | _Flight | None]:
+        """Decide, under the lock, how a call that missed the fresh key set
+        proceeds. Raises :class:`KeysUnavailableError` when too many calls
+        already wait."""
+        background = None
+        with self._lock:
+            now = self._clock.monotonic()
+            key = _select(self._keys, kid)
+            flight = self._flight
+            if key is not None:
+                # Known kid, stale set: serve it and refresh behind it.
+                if flight is None and not self._fresh(now) and self._fetch_due(now):
+                    background = self._start_locked(now)
+            elif flight is not None:
+                if self._waiters >= self._max_waiters:
+                    raise KeysUnavailableError()
+                self._waiters += 1
+                return _Role.WAIT, flight
+            elif self._fetch_due(now):
+                return _Role.LEAD, self._start_locked(now)
+            else:
+                return _Role.MEMORY, None
+        if background is not None:
+            threading.Thread(
+                target=self._run, args=(background,), name="ambient-jwks-refresh", daemon=True
+            ).start()
+        return _Role.FOUND, key
+
+    def _left(self) -> None:
+        with self._lock:
+            self._waiters -= 1
+
     def get_key(self, kid: str | None) -> VerificationKey:
         key = self._from_memory(kid)
         if key is not None:
             return key
-        with self._lock:
-            now = self._clock.monotonic()
-            # A fetch may have completed while this thread waited for the lock.
-            key = _select(self._keys, kid)
-            if (key is None or not self._fresh(now)) and self._fetch_due(now):
-                self._refresh_locked(now)
+        role, value = self._join(kid)
+        if role is _Role.FOUND:
+            assert isinstance(value, VerificationKey)
+            return value
+        if role is _Role.LEAD:
+            assert isinstance(value, concurrent.futures.Future)
+            self._run(value)
+        elif role is _Role.WAIT:
+            assert isinstance(value, concurrent.futures.Future)
+            try:
+                value.result(timeout=self._timeout)
+            except concurrent.futures.TimeoutError:
+                raise KeysUnavailableError() from None
+            finally:
+                self._left()
         return _resolve(self._keys, kid)
 
     async def get_key_async(self, kid: str | None) -> VerificationKey:
         key = self._from_memory(kid)
         if key is not None:
             return key
-        if not self._lock.locked() and not self._fetch_due(self._clock.monotonic()):
-            # No fetch is running and none may start: answer from memory.
-            return _resolve(self._keys, kid)
-        return await asyncio.to_thread(self.get_key, kid)
+        role, value = self._join(kid)
+        if role is _Role.FOUND:
+            assert isinstance(value, VerificationKey)
+            return value
+        if role is _Role.LEAD:
+            assert isinstance(value, concurrent.futures.Future)
+            # The fetch completes the flight even if this task is cancelled.
+            await asyncio.to_thread(self._run, value)
+        elif role is _Role.WAIT:
+            assert isinstance(value, concurrent.futures.Future)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(value), self._timeout)
+            except TimeoutError:
+                raise KeysUnavailableError() from None
+            finally:
+                self._left()
+        return _resolve(self._keys, kid)
 
     def refresh(self) -> bool:
-        """Fetch now, ignoring the cooldown (e.g. to warm up at start).
-        Returns whether the fetch succeeded; never raises for fetch failures."""
+        """Fetch now, ignoring the cooldown (e.g. to warm up at start), or
+        wait for the fetch already running. Returns whether the fetch
+        succeeded; never raises for fetch failures."""
         with self._lock:
-            return self._refresh_locked(self._clock.monotonic())
-
-    def _refresh_locked(self, now: float) -> bool:
-        self._attempted_at = now
-        self._fetches += 1
+            flight = self._flight
+            lead = flight is None
+            if flight is None:
+                flight = self._start_locked(self._clock.monotonic())
+        if lead:
+            return self._run(flight)
         try:
-            keys = parse_jwks(self._fetch())
-        except (_FetchError, ValueError) as exc:
-            _log.warning("JWKS fetch from %s failed: %s", self._display_url, exc)
-            if self._metrics is not None:
-                self._metrics.jwks_fetch(False)
+            return flight.result(timeout=self._timeout)
+        except concurrent.futures.TimeoutError:
             return False
-        self._keys = keys
-        self._fetched_at = self._clock.monotonic()
-        if self._metrics is not None:
-            self._metrics.jwks_fetch(True)
-        return True
+
+    def _run(self, flight: _Flight) -> bool:
+        """Fetch, install the result, and complete ``flight`` (whatever happens)."""
+        ok = False
+        try:
+            try:
+                keys = parse_jwks(self._fetch())
+            except (_FetchError, ValueError) as exc:
+                _log.warning("JWKS fetch from %s failed: %s", self._display_url, exc)
+                if self._metrics is not None:
+                    self._metrics.jwks_fetch(False)
+            else:
+                with self._lock:
+                    self._keys = keys
+                    self._fetched_at = self._clock.monotonic()
+                if self._metrics is not None:
+                    self._metrics.jwks_fetch(True)
+                ok = True
+        finally:
+            with self._lock:
+                self._flight = None
+            flight.set_result(ok)
+        return ok
 
     def _fetch(self) -> bytes:
         headers = {"Accept": "application/json"}

@@ -184,9 +184,30 @@ def _cases(now: float) -> dict[str, tuple[str, str]]:
             _rs256_by_hand({"kid": IDP_KID, "b64": False, "crit": ["b64"]}, now),
             "malformed",
         ),
+        # RFC 7515 section 4.1.11, checked by us whatever PyJWT version is
+        # installed (2.11.0 accepted an unknown crit extension).
         "unsupported crit": (
             _rs256_by_hand({"kid": IDP_KID, "crit": ["x"], "x": 1}, now),
-            "invalid_claims",
+            "unsupported_crit",
+        ),
+        "crit naming an absent extension": (
+            _rs256_by_hand({"kid": IDP_KID, "crit": ["x"]}, now),
+            "unsupported_crit",
+        ),
+        "crit empty": (_rs256_by_hand({"kid": IDP_KID, "crit": []}, now), "malformed"),
+        "crit not a list": (
+            _rs256_by_hand({"kid": IDP_KID, "crit": "x", "x": 1}, now),
+            "malformed",
+        ),
+        "crit not strings": (_rs256_by_hand({"kid": IDP_KID, "crit": [1]}, now), "malformed"),
+        "crit null": (_rs256_by_hand({"kid": IDP_KID, "crit": None}, now), "malformed"),
+        "crit names a standard header": (
+            _rs256_by_hand({"kid": IDP_KID, "crit": ["kid"]}, now),
+            "malformed",
+        ),
+        "crit repeats a name": (
+            _rs256_by_hand({"kid": IDP_KID, "crit": ["x", "x"], "x": 1}, now),
+            "malformed",
         ),
         "tampered payload": (_tamper(mint(now)), "bad_signature"),
     }
@@ -229,6 +250,13 @@ CASES = (
     "kid not a string",
     "b64 false header",
     "unsupported crit",
+    "crit naming an absent extension",
+    "crit empty",
+    "crit not a list",
+    "crit not strings",
+    "crit null",
+    "crit names a standard header",
+    "crit repeats a name",
     "tampered payload",
 )
 

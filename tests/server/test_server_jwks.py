@@ -8,7 +8,7 @@ import base64
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from support.keys import ec_key, jwk_of, other_key, public_pem, signing_key
 from support.server import AUDIENCE, IDP_ISSUER, JwksServer, mint
+from support.waiting import wait_until
 
 from ambient_grpc_auth.controlplane import keys as cp_keys
 from ambient_grpc_auth.errors import ConfigurationError, KeyFileError, TokenRejectedError
@@ -211,12 +212,14 @@ def test_endpoint_down_keeps_last_good_key_set(jwks_server: JwksServer, clock: F
     cache = cache_for(jwks_server, clock, refresh_interval=60.0, metrics=metrics)
     assert cache.get_key("k1").kid == "k1"
     jwks_server.status = 503
-    clock.advance(61)  # stale: a refresh is attempted and fails
+    clock.advance(61)  # stale: served at once, a background refresh fails
     assert cache.get_key("k1").kid == "k1"
+    wait_until(lambda: metrics.snapshot().jwks_fetch_failures == 1)
     assert jwks_server.requests == 2
     jwks_server.close()  # now nothing listens at all
     clock.advance(61)
     assert cache.get_key("k1").kid == "k1"
+    wait_until(lambda: metrics.snapshot().jwks_fetch_failures == 2)
     with pytest.raises(TokenRejectedError):
         cache.get_key("k-new")
     snap = metrics.snapshot()
@@ -279,6 +282,121 @@ def test_concurrent_first_use_is_single_flight(jwks_server: JwksServer, clock: F
         t.join(10)
     assert found == ["k1"] * 10
     assert jwks_server.requests == 1
+
+
+def test_stale_key_set_is_served_while_it_is_refreshed(
+    jwks_server: JwksServer, clock: FakeClock
+) -> None:
+    """A known kid never waits for a refetch: with the refresh of a stale set
+    held at the endpoint, lookups of known kids still answer."""
+    cache = cache_for(jwks_server, clock, refresh_interval=60.0)
+    assert cache.get_key("k1").kid == "k1"
+    release = jwks_server.hold = threading.Event()
+    jwks_server.document = doc(jwk_of(signing_key(), "k1"), jwk_of(other_key(), "k2"))
+    clock.advance(61)
+    try:
+        for _ in range(3):  # one background refresh, the key served every time
+            assert cache.get_key("k1").kid == "k1"
+            assert asyncio.run(cache.get_key_async("k1")).kid == "k1"
+        wait_until(lambda: jwks_server.requests == 2)
+        assert cache.fetch_count == 2
+        assert "k2" not in (cache.keys or {})  # the refresh is still held
+    finally:
+        release.set()
+    wait_until(lambda: "k2" in (cache.keys or {}))
+
+
+def test_known_kids_do_not_wait_for_an_unknown_kid_fetch(
+    jwks_server: JwksServer, clock: FakeClock
+) -> None:
+    cache = cache_for(jwks_server, clock)
+    assert cache.get_key("k1").kid == "k1"
+    clock.advance(COOLDOWN)
+    release = jwks_server.hold = threading.Event()
+    errors: list[str] = []
+    waiter = threading.Thread(
+        target=lambda: errors.append(_reason(lambda: cache.get_key("k-unknown")))
+    )
+    waiter.start()
+    try:
+        wait_until(lambda: jwks_server.requests == 2)  # the refetch is running
+        assert cache.get_key("k1").kid == "k1"
+        assert asyncio.run(cache.get_key_async("k1")).kid == "k1"
+        assert waiter.is_alive()  # ...and still running after the known kids answered
+    finally:
+        release.set()
+    waiter.join(5)
+    assert errors == ["unknown_kid"]
+
+
+def _reason(fn: Callable[[], object]) -> str:
+    try:
+        fn()
+    except TokenRejectedError as exc:
+        return exc.reason
+    return "accepted"
+
+
+def test_waiters_for_a_running_fetch_are_bounded(jwks_server: JwksServer, clock: FakeClock) -> None:
+    """Beyond ``max_waiters`` calls waiting on one fetch, further unknown-kid
+    calls are answered UNAVAILABLE at once instead of holding a thread."""
+    cache = cache_for(jwks_server, clock, max_waiters=3)
+    release = jwks_server.hold = threading.Event()
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def get(kid: str) -> None:
+        reason = _reason(lambda: cache.get_key(kid))
+        with lock:
+            results.append(reason)
+
+    leader = threading.Thread(target=get, args=("k1",))
+    leader.start()
+    wait_until(lambda: jwks_server.requests == 1)
+    waiters = [threading.Thread(target=get, args=(f"k-{i}",)) for i in range(3)]
+    for t in waiters:
+        t.start()
+    wait_until(lambda: cache.waiters == 3)
+    # The next ones are refused at once, in this thread, while the fetch is held.
+    with pytest.raises(KeysUnavailableError) as err:
+        cache.get_key("k-late")
+    assert err.value.code is grpc.StatusCode.UNAVAILABLE
+
+    async def late() -> None:
+        with pytest.raises(KeysUnavailableError):
+            await cache.get_key_async("k-late-async")
+
+    asyncio.run(late())
+    assert cache.waiters == 3
+    release.set()
+    for t in [leader, *waiters]:
+        t.join(5)
+    assert sorted(results) == ["accepted", "unknown_kid", "unknown_kid", "unknown_kid"]
+    assert cache.waiters == 0
+    assert jwks_server.requests == 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_waiting_for_a_fetch_is_bounded_by_the_timeout(
+    jwks_server: JwksServer, clock: FakeClock, mode: str
+) -> None:
+    cache = cache_for(jwks_server, clock, timeout=0.3)
+    release = jwks_server.hold = threading.Event()
+    try:
+        leader = threading.Thread(target=lambda: _reason(lambda: cache.get_key("k1")))
+        leader.start()
+        wait_until(lambda: jwks_server.requests == 1)
+        get: Callable[[], object] = (
+            (lambda: cache.get_key("k-other"))
+            if mode == "sync"
+            else (lambda: asyncio.run(cache.get_key_async("k-other")))
+        )
+        with pytest.raises(KeysUnavailableError):
+            get()
+        assert cache.waiters == 0
+    finally:
+        release.set()
+    leader.join(5)
 
 
 async def test_async_fetch_does_not_block_the_loop(

@@ -7,6 +7,7 @@ token that left the verified-token cache gets a freshly built handler."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -78,6 +79,26 @@ def _handler() -> Any:
     return grpc.unary_unary_rpc_method_handler(lambda request, context: request)
 
 
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code)
+
+
+def _verify_first(interceptor: ServerAuthInterceptor, token: str) -> None:
+    """The sync interceptor verifies a token the cache does not know in the
+    handler it returns (on a worker thread, never on gRPC's polling thread):
+    run that handler once, as the server would, so the token is verified and
+    cached."""
+    served = interceptor.intercept_service(lambda _d: _handler(), _Details(ECHO + "Echo", token))
+    assert served is not None
+    with contextlib.suppress(_Aborted):  # the session check refuses the empty request
+        served.unary_unary(types.SimpleNamespace(session_id=""), _Context())
+
+
 # --- white box: what is reused and what is not -------------------------------------------
 
 
@@ -85,6 +106,8 @@ def test_one_wrapper_per_token_and_method() -> None:
     clock = FakeClock()
     interceptor = ServerAuthInterceptor(config=_config(clock, {}))
     alice, bob = mint(clock.time(), sub="alice"), mint(clock.time(), sub="bob")
+    _verify_first(interceptor, alice)
+    _verify_first(interceptor, bob)
     handler = _handler()
 
     def intercept(method: str, token: str, served: Any = handler) -> Any:
@@ -105,8 +128,11 @@ def test_a_token_verified_again_gets_a_new_wrapper() -> None:
     token = mint(clock.time(), sub="alice", ttl=600)
     handler = _handler()
     details = _Details(ECHO + "Echo", token)
+    _verify_first(interceptor, token)
     first = interceptor.intercept_service(lambda _d: handler, details)
+    assert interceptor.intercept_service(lambda _d: handler, details) is first
     clock.advance(11.0)  # the cache entry is gone; the token is verified again
+    _verify_first(interceptor, token)
     second = interceptor.intercept_service(lambda _d: handler, details)
     assert second is not first
     assert interceptor.intercept_service(lambda _d: handler, details) is second
@@ -150,9 +176,11 @@ def test_the_memo_and_the_plans_are_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     handler = _handler()
     for index in range(30):
         token = mint(clock.time(), sub=f"user-{index}")
+        _verify_first(interceptor, token)
         interceptor.intercept_service(lambda _d: handler, _Details(ECHO + "Echo", token))
         assert len(engine._memo) <= 8
     token = mint(clock.time(), sub="alice")
+    _verify_first(interceptor, token)
     for index in range(100):
         method = f"/made.up.Service{index}/Method"
         assert interceptor.intercept_service(lambda _d: None, _Details(method, token)) is None

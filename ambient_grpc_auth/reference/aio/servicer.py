@@ -18,10 +18,15 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import grpc.aio
 
+from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
 from ambient_grpc_auth.reference.store import (
+    BEHIND_STATUS,
     PAGE_SIZE,
+    WATCH_MAX_LAG_CHARS,
+    WATCH_MAX_LAG_MESSAGES,
+    WATCH_MAX_SEND_WAIT,
     SessionStore,
     SessionStoreError,
     check_push_allowed,
@@ -37,10 +42,21 @@ _Context = grpc.aio.ServicerContext[object, object]
 
 class AsyncSessionServicer(sessions_pb2_grpc.SessionServiceServicer):
     """``grpc.aio`` servicer over a :class:`SessionStore`; one instance serves
-    every call. Same statuses and messages as the sync servicer."""
+    every call. Same statuses, messages and lag limits as the sync servicer."""
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        max_lag_messages: int = WATCH_MAX_LAG_MESSAGES,
+        max_lag_chars: int = WATCH_MAX_LAG_CHARS,
+        max_send_wait: float = WATCH_MAX_SEND_WAIT,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._store = store
+        self._max_lag = (max_lag_messages, max_lag_chars)
+        self._max_send_wait = max_send_wait
+        self._clock = clock
 
     async def GetSession(
         self, request: sessions_pb2.GetSessionRequest, context: _Context
@@ -99,8 +115,16 @@ class AsyncSessionServicer(sessions_pb2_grpc.SessionServiceServicer):
                         await context.abort(*status_of(exc))
                     batch, more = page.messages, page.more
                 for message in batch:
+                    # The yield returns once the message is sent: the send of
+                    # a client that stopped reading waits on flow control
+                    # while messages pile up behind it.
+                    started = self._clock.monotonic()
                     yield message
                     last = message.seq
+                    if self._clock.monotonic() - started >= self._max_send_wait and (
+                        subscription.behind(last, *self._max_lag)
+                    ):
+                        await context.abort(*BEHIND_STATUS)
                 if not more:
                     await subscription.wait_async(last)
             if (status := ended_status(subscription)) is not None:

@@ -8,7 +8,11 @@ module only turns the engine's decisions into ``grpc.aio`` handlers.
 It never blocks the event loop: cache hits, the static token and JWT checks
 with cached keys run inline (microseconds to a fraction of a millisecond), a
 JWKS fetch runs in a worker thread, and the owner lookup runs in a worker
-thread unless ``owner_lookup_inline`` is set.
+thread of the interceptor's own bounded pool (``owner_lookup_workers``,
+never the loop's default executor) unless ``owner_lookup_inline`` is set.
+Streaming calls are bounded per caller and in total as in the sync twin
+(RESOURCE_EXHAUSTED beyond a limit): each open stream holds a task and the
+call's buffers, which streams nobody reads would otherwise pile up.
 
 Handlers may be coroutine functions, async generator functions, coroutine
 functions using the reader/writer API (``context.read()`` /
@@ -35,7 +39,13 @@ from ambient_grpc_auth.principal import (
     reset_current_principal,
     set_current_principal,
 )
-from ambient_grpc_auth.server._handlers import Handler, rejecting_factory, wrap_sync_handler
+from ambient_grpc_auth.server._handlers import (
+    Handler,
+    rejecting_factory,
+    release_on_end,
+    wrap_sync_handler,
+)
+from ambient_grpc_auth.server._streams import StreamSlot
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.engine import Admission, AuthEngine, Denial, Verification
 from ambient_grpc_auth.server.metrics import MetricsHook
@@ -63,6 +73,10 @@ class ServerAuthInterceptor(grpc.aio.ServerInterceptor):
     @property
     def metrics(self) -> MetricsHook:
         return self._engine.metrics
+
+    def open_streams(self) -> int:
+        """Streaming calls open now, as counted against the stream limits."""
+        return self._engine.open_streams()
 
     async def intercept_service(
         self,
@@ -114,9 +128,18 @@ def _wrap(handler: Handler, admission: Admission, metrics: MetricsHook) -> Handl
     behaviour, so grpc.aio drives it as before."""
     principal = admission.principal
     inner = _behaviour(handler)
+    open_stream = admission.open_stream
     if not _is_async(inner):
         # grpc.aio runs sync behaviours in worker threads: a blocking check is fine.
-        return wrap_sync_handler(handler, principal, admission.check, metrics)
+        return wrap_sync_handler(handler, principal, admission.check, metrics, open_stream)
+
+    async def stream_slot(context: Any) -> StreamSlot:
+        slot = open_stream()
+        if isinstance(slot, StreamSlot):
+            release_on_end(context, slot)
+            return slot
+        await context.abort(*slot)
+        raise AssertionError("abort() returns by raising")  # pragma: no cover
 
     # Inline checks are decided without a coroutine; others await a thread.
     inline = None
@@ -165,45 +188,67 @@ def _wrap(handler: Handler, admission: Admission, metrics: MetricsHook) -> Handl
         if inspect.isasyncgenfunction(inner):
 
             async def us_gen(request: Any, context: Any) -> AsyncIterator[Any]:
-                await start(request, context)
-                async with contextlib.aclosing(_relay(principal, inner, request, context)) as out:
-                    async for item in out:
-                        yield item
+                slot = await stream_slot(context)
+                try:
+                    await start(request, context)
+                    relay = _relay(principal, inner, request, context)
+                    async with contextlib.aclosing(relay) as out:
+                        async for item in out:
+                            yield item
+                finally:
+                    slot.release()
 
             return grpc.unary_stream_rpc_method_handler(us_gen, deserializer, serializer)
 
         async def us_rw(request: Any, context: Any) -> None:
-            await start(request, context)
-            with principal_scope(principal):
-                await inner(request, context)
+            slot = await stream_slot(context)
+            try:
+                await start(request, context)
+                with principal_scope(principal):
+                    await inner(request, context)
+            finally:
+                slot.release()
 
         return grpc.unary_stream_rpc_method_handler(us_rw, deserializer, serializer)
 
     if not handler.response_streaming:
 
         async def su(requests: Any, context: Any) -> Any:
-            requests, context = await requests_of(requests, context)
-            metrics.allowed()
-            with principal_scope(principal):
-                return await inner(requests, context)
+            slot = await stream_slot(context)
+            try:
+                requests, context = await requests_of(requests, context)
+                metrics.allowed()
+                with principal_scope(principal):
+                    return await inner(requests, context)
+            finally:
+                slot.release()
 
         return grpc.stream_unary_rpc_method_handler(su, deserializer, serializer)
     if inspect.isasyncgenfunction(inner):
 
         async def ss_gen(requests: Any, context: Any) -> AsyncIterator[Any]:
-            requests, context = await requests_of(requests, context)
-            metrics.allowed()
-            async with contextlib.aclosing(_relay(principal, inner, requests, context)) as out:
-                async for item in out:
-                    yield item
+            slot = await stream_slot(context)
+            try:
+                requests, context = await requests_of(requests, context)
+                metrics.allowed()
+                relay = _relay(principal, inner, requests, context)
+                async with contextlib.aclosing(relay) as out:
+                    async for item in out:
+                        yield item
+            finally:
+                slot.release()
 
         return grpc.stream_stream_rpc_method_handler(ss_gen, deserializer, serializer)
 
     async def ss_rw(requests: Any, context: Any) -> None:
-        requests, context = await requests_of(requests, context)
-        metrics.allowed()
-        with principal_scope(principal):
-            await inner(requests, context)
+        slot = await stream_slot(context)
+        try:
+            requests, context = await requests_of(requests, context)
+            metrics.allowed()
+            with principal_scope(principal):
+                await inner(requests, context)
+        finally:
+            slot.release()
 
     return grpc.stream_stream_rpc_method_handler(ss_rw, deserializer, serializer)
 
