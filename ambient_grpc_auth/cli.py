@@ -26,7 +26,13 @@ from ambient_grpc_auth.client.channel import AuthenticatedChannel, create_channe
 from ambient_grpc_auth.client.env import resume_after_seq_from_env, token_source_from_env
 from ambient_grpc_auth.client.sessions import push, watch
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
-from ambient_grpc_auth.controlplane.keys import KeyPaths, ensure_keys, k8s_secret_manifest
+from ambient_grpc_auth.controlplane.keys import (
+    DEFAULT_SIGNING_ALGORITHM,
+    SIGNING_ALGORITHMS,
+    KeyPaths,
+    ensure_keys,
+    k8s_secret_manifest,
+)
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcSettings
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, run_token_server
 from ambient_grpc_auth.errors import AmbientAuthError
@@ -144,6 +150,9 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
         require_fresh_proof=args.require_fresh_proof,
         session_id_pattern=args.session_pattern,
         oidc=oidc,
+        signing_algorithm=args.signing_alg,
+        replay_redis_url=args.replay_redis_url,
+        replay_redis_timeout=args.replay_redis_timeout,
     )
 
     def ready(server: RunningTokenServer) -> None:
@@ -393,6 +402,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--oidc-token-url")
     p.add_argument("--oidc-client-id")
     p.add_argument("--oidc-client-secret-file")
+    p.add_argument(
+        "--signing-alg",
+        choices=SIGNING_ALGORITHMS,
+        default=DEFAULT_SIGNING_ALGORITHM,
+        help="algorithm of issued tokens; a signing key of another type is rotated",
+    )
+    p.add_argument("--replay-redis-url", help="share v2 replay protection via Redis (replicas)")
+    p.add_argument(
+        "--replay-redis-timeout", type=_positive_float, default=0.5, help="Redis timeout, s"
+    )
     p.set_defaults(func=_cmd_token_server)
 
     p = sub.add_parser("session-server", help="run the reference SessionService with auth")

@@ -73,7 +73,15 @@ __all__ = [
 
 DEFAULT_STATIC_USERNAME = "ambient-api-token"
 #: Asymmetric algorithms accepted unless configured otherwise.
-DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+DEFAULT_ALGORITHMS: tuple[str, ...] = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "ES256",
+    "ES384",
+    "PS256",
+    "EdDSA",
+)
 #: Everything an issuer may allow. No HMAC (a public key must never double as
 #: an HMAC secret) and no ``none``.
 SUPPORTED_ALGORITHMS = frozenset(
