@@ -217,7 +217,7 @@ def _with_signing_algorithm(
         else:
             return dataclasses.replace(keys, signing=signing)
     _log.warning(
-        "signing.pem is a %s key but %s is configured: signing with %s "
+        "signing.pem signs %s but %s is configured: signing with %s "
         "(rotate the key in the key directory to switch)",
         current.algorithm,
         config.signing_algorithm,
