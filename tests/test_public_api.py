@@ -202,6 +202,7 @@ PUBLIC: dict[str, list[str]] = {
         "SigningKey",
         "SigningKeySet",
         "SigningKeyStore",
+        "SigningPrivateKey",
         "ensure_signing_algorithm",
         "generate_signing_key",
         "jwks",

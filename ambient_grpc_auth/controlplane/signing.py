@@ -52,6 +52,7 @@ __all__ = [
     "SigningKey",
     "SigningKeySet",
     "SigningKeyStore",
+    "SigningPrivateKey",
     "ensure_signing_algorithm",
     "generate_signing_key",
     "jwks",
