@@ -113,10 +113,11 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         sys.stdout.write(k8s_secret_manifest(args.dir, args.namespace))
     else:
         paths = KeyPaths.of(args.dir)
-        kid = keys.signing.current.kid if keys.signing is not None else "-"
+        current = keys.signing.current if keys.signing is not None else None
+        kid = f"kid {current.kid}, {current.algorithm}" if current is not None else "-"
         print(f"encryption private key: {paths.private}")
         print(f"encryption public key:  {paths.public}")
-        print(f"signing key:            {paths.signing} (kid {kid})")
+        print(f"signing key:            {paths.signing} ({kid})")
     return 0
 
 
