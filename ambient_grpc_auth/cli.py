@@ -35,7 +35,13 @@ from ambient_grpc_auth.client.sessions import SessionWatch, push, watch
 from ambient_grpc_auth.client.target import DEFAULT_PORT, GRPC_URL_ENV, USE_TLS_ENV
 from ambient_grpc_auth.controlplane.app import DISCOVERY_PATH
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
-from ambient_grpc_auth.controlplane.keys import KeyPaths, ensure_keys, k8s_secret_manifest
+from ambient_grpc_auth.controlplane.keys import (
+    DEFAULT_SIGNING_ALGORITHM,
+    SIGNING_ALGORITHMS,
+    KeyPaths,
+    ensure_keys,
+    k8s_secret_manifest,
+)
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcSettings
 from ambient_grpc_auth.controlplane.podproof import (
     DEFAULT_POD_AUDIENCE,
@@ -212,10 +218,11 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         sys.stdout.write(k8s_secret_manifest(args.dir, args.namespace))
     else:
         paths = KeyPaths.of(args.dir)
-        kid = keys.signing.current.kid if keys.signing is not None else "-"
+        current = keys.signing.current if keys.signing is not None else None
+        kid = f"kid {current.kid}, {current.algorithm}" if current is not None else "-"
         print(f"encryption private key: {paths.private}")
         print(f"encryption public key:  {paths.public}")
-        print(f"signing key:            {paths.signing} (kid {kid})")
+        print(f"signing key:            {paths.signing} ({kid})")
     return 0
 
 
@@ -254,6 +261,9 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
         require_pod_proof=args.require_pod_proof,
         max_connections=args.max_connections,
         header_timeout=args.header_timeout,
+        signing_algorithm=args.signing_alg,
+        replay_redis_url=args.replay_redis_url,
+        replay_redis_timeout=args.replay_redis_timeout,
     )
 
     def ready(server: RunningTokenServer) -> None:
@@ -978,6 +988,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=1024, help="connections served at once")
     p.add_argument(
         "--header-timeout", type=_positive_float, default=10.0, help="seconds to send a request"
+    )
+    p.add_argument(
+        "--signing-alg",
+        choices=SIGNING_ALGORITHMS,
+        default=DEFAULT_SIGNING_ALGORITHM,
+        help="algorithm of issued tokens; a signing key of another type is rotated",
+    )
+    p.add_argument("--replay-redis-url", help="share v2 replay protection via Redis (replicas)")
+    p.add_argument(
+        "--replay-redis-timeout", type=_positive_float, default=0.5, help="Redis timeout, s"
     )
     p.set_defaults(func=_cmd_token_server)
 

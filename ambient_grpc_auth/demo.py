@@ -165,7 +165,7 @@ def run_demo(*, messages: int = 120, ttl: float = 4.0, quiet: bool = False) -> D
     loop = _LoopThread()
     with tempfile.TemporaryDirectory(prefix="ambient-demo-") as tmp:
         workdir = Path(tmp)
-        say("generating control-plane keys (RSA-4096 encryption, RSA-2048 signing) ...")
+        say("generating control-plane keys (RSA-4096 encryption, ES256 signing) ...")
         keys = ensure_keys(workdir / "keys")
         cp: RunningTokenServer = loop.run(
             start_token_server(TokenServerConfig(keys=keys, ttl=ttl, audience=_AUDIENCE))

@@ -25,6 +25,7 @@ __all__ = [
     "MIN_RSA_BITS",
     "PublicKey",
     "VerificationKey",
+    "jwk_public_members",
     "jwk_thumbprint",
     "key_from_jwk",
     "parse_jwks",
@@ -96,7 +97,9 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _public_members(key: PublicKey) -> dict[str, str]:
+def jwk_public_members(key: PublicKey) -> dict[str, str]:
+    """The required public members of ``key``'s JWK (``kty`` and the key
+    numbers; ``crv`` for EC and OKP), as RFC 7638 lists them."""
     if isinstance(key, rsa.RSAPublicKey):
         numbers = key.public_numbers()
         return {
@@ -125,7 +128,7 @@ def _public_members(key: PublicKey) -> dict[str, str]:
 
 def jwk_thumbprint(key: PublicKey) -> str:
     """The RFC 7638 SHA-256 thumbprint of ``key`` (base64url, no padding)."""
-    canonical = json.dumps(_public_members(key), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(jwk_public_members(key), sort_keys=True, separators=(",", ":"))
     return _b64url(hashlib.sha256(canonical.encode("ascii")).digest())
 
 

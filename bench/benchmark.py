@@ -36,12 +36,13 @@ import grpc
 
 from ambient_grpc_auth.client.caching import CachingTokenSource
 from ambient_grpc_auth.client.tokens import StaticTokenSource, Token
+from ambient_grpc_auth.controlplane.signing import DEFAULT_SIGNING_ALGORITHM, SIGNING_ALGORITHMS
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 from bench.cp import TokenEndpointBench, cache_hit_us, cache_rss
 from bench.fixtures import (
     OWNER,
     SESSION_ID,
-    mint_user_token,
+    mint_runner_token,
     new_identity,
     ours_config,
 )
@@ -60,7 +61,7 @@ from bench.report import Results, loadavg, machine, print_table, summarize
 __all__ = ["DEFAULT_OUT", "FULL", "QUICK", "BenchCounts", "main", "run"]
 
 DEFAULT_OUT = Path("bench/results.json")
-_SYNC_VARIANTS = ("bare", "ours", "naive", "bare_local", "call_creds", "bare_header")
+_SYNC_VARIANTS = ("bare", "ours", "naive", "bare_local", "call_creds", "bare_header", "noop")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,20 +190,24 @@ def run(
     *,
     counts: BenchCounts | None = None,
     rounds: int | None = None,
+    signing_alg: str = DEFAULT_SIGNING_ALGORITHM,
 ) -> dict[str, Any]:
     """Run the benchmark, write ``out`` (JSON) and return the document.
 
     ``counts`` overrides the mode's counts (tests use tiny ones); ``rounds``
-    overrides their number of rounds. Raises RuntimeError when a scenario
-    fails functionally (a call refused, a stream cut short).
+    overrides their number of rounds; ``signing_alg`` is the algorithm of the
+    control-plane token used as bearer and of the token endpoint's key.
+    Raises RuntimeError when a scenario fails functionally (a call refused,
+    a stream cut short).
     """
     chosen = counts or (QUICK if quick else FULL)
     if rounds is not None:
         chosen = dataclasses.replace(chosen, rounds=rounds)
     started = time.perf_counter()
     load_before = loadavg()
-    identity = new_identity()
-    token = mint_user_token(identity, now=time.time())
+    identity = new_identity(signing_alg)
+    # The bearer runners send on every call: a control-plane token.
+    token = mint_runner_token(identity, now=time.time())
     owners = {SESSION_ID: OWNER}
     spec = {"workers": chosen.server_workers, "public_pem": identity.public_pem, "owners": owners}
     source = CachingTokenSource(StaticTokenSource(Token.from_value(token)))
@@ -221,12 +226,13 @@ def run(
             _check_auth_is_active(ports, token)
             clients = SyncClients(ports, source, token)
             unary = clients.unary_calls(_SYNC_VARIANTS)
-            streams = clients.stream_calls(("bare", "ours"), chosen.stream_messages)
+            streams = clients.stream_calls(("bare", "ours", "noop"), chosen.stream_messages)
             _progress("generating RSA-4096 control-plane keys, starting the token endpoint")
             endpoint = TokenEndpointBench(
                 Path(workdir),
                 workers=os.cpu_count() or 1,
                 concurrency=chosen.token_concurrency,
+                signing_alg=signing_alg,
             )
             endpoint.warm(chosen.token_concurrency * 2)
             setup_seconds = round(time.perf_counter() - setup_started, 1)
@@ -348,6 +354,8 @@ def run(
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         "token_chars": len(token),
+        "signing_alg": signing_alg,
+        "authorization_header_bytes": len("authorization") + len("Bearer " + token),
         **context,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -376,9 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--rounds", type=_rounds, default=None, help="rounds (>= 3)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--signing-alg",
+        choices=SIGNING_ALGORITHMS,
+        default=DEFAULT_SIGNING_ALGORITHM,
+        help="algorithm of the control-plane token and key (compare with RS256)",
+    )
     args = parser.parse_args(argv)
     try:
-        doc = run(args.quick, args.out, rounds=args.rounds)
+        doc = run(args.quick, args.out, rounds=args.rounds, signing_alg=args.signing_alg)
     except (RuntimeError, OSError, grpc.RpcError) as exc:
         sys.stderr.write(f"bench failed: {exc}\n")
         return 2

@@ -49,9 +49,11 @@ from bench.fixtures import (
     AUDIENCE,
     ISSUER,
     KID,
+    AioNoopServerInterceptor,
     AsyncEchoServicer,
     EchoServicer,
     NaiveJwtInterceptor,
+    NoopServerInterceptor,
     ours_config,
 )
 
@@ -110,6 +112,7 @@ def _serve_sync(spec: dict[str, Any]) -> None:
         "bare": ([], False),
         "ours": (ours(), False),
         "naive": ([NaiveJwtInterceptor(public_pem=pem, owners=owners)], False),
+        "noop": ([NoopServerInterceptor()], False),
         "bare_local": ([], True),
         "ours_local": (ours(), True),
     }
@@ -132,6 +135,7 @@ async def _serve_aio(spec: dict[str, Any]) -> None:
     plan: dict[str, list[grpc.aio.ServerInterceptor]] = {
         "aio_bare": [],
         "aio_ours": [interceptor],
+        "aio_noop": [AioNoopServerInterceptor()],
     }
     servers: list[grpc.aio.Server] = []
     ports: dict[str, int] = {}

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
-from ambient_grpc_auth.controlplane.keys import ensure_keys
+from ambient_grpc_auth.controlplane.keys import DEFAULT_SIGNING_ALGORITHM, ensure_keys
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.principal import Principal
 from ambient_grpc_auth.proof import encrypt_v2
@@ -45,13 +45,20 @@ _OAEP = padding.OAEP(
 
 
 class TokenEndpointBench:
-    """The real token server (fresh RSA-4096 encryption key and RSA-2048
-    signing key in ``workdir``) on an event loop in a thread of this process,
+    """The real token server (fresh RSA-4096 encryption key and a
+    ``signing_alg`` signing key in ``workdir``) on an event loop in a thread of this process,
     a load-generating child process, and a pool of ``workers`` threads for
     the raw decryption baseline (the server's ``max_concurrent_decrypts``)."""
 
-    def __init__(self, workdir: Path, *, workers: int, concurrency: int) -> None:
-        keys = ensure_keys(workdir / "cp-keys")
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        workers: int,
+        concurrency: int,
+        signing_alg: str = DEFAULT_SIGNING_ALGORITHM,
+    ) -> None:
+        keys = ensure_keys(workdir / "cp-keys", signing_algorithm=signing_alg)
         self.workers = workers
         self.concurrency = concurrency
         self._private_key = keys.private_key

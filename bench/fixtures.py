@@ -12,6 +12,11 @@ this library:
   claims) on every call, then applies the same ownership rule as ours;
 - :class:`PeerBearerPlugin`: a ``grpc.AuthMetadataPlugin`` adding the bearer
   through call credentials (the google-auth approach).
+
+The floor: :class:`NoopClientInterceptor` / :class:`NoopServerInterceptor`
+(and their grpc.aio twins) do nothing but pass the call on, so that the cost
+gRPC itself charges for having interceptors at all is measured in the same
+run as ours.
 """
 
 from __future__ import annotations
@@ -28,10 +33,18 @@ import grpc
 import grpc.aio
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ambient_grpc_auth.client.tokens import Token
-from ambient_grpc_auth.jwk import VerificationKey
+from ambient_grpc_auth.controlplane.issuers import JwtIssuer
+from ambient_grpc_auth.controlplane.signing import (
+    DEFAULT_SIGNING_ALGORITHM,
+    SigningKey,
+    SigningKeySet,
+    SigningPrivateKey,
+    generate_signing_key,
+    signing_algorithm_of,
+)
+from ambient_grpc_auth.jwk import PublicKey, VerificationKey
 from ambient_grpc_auth.principal import current_principal
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
@@ -48,12 +61,17 @@ __all__ = [
     "MAX_STREAM_COUNT",
     "OWNER",
     "SESSION_ID",
+    "AioNoopClientInterceptor",
+    "AioNoopServerInterceptor",
     "AsyncEchoServicer",
     "BenchIdentity",
     "CountingTokenSource",
     "EchoServicer",
     "NaiveJwtInterceptor",
+    "NoopClientInterceptor",
+    "NoopServerInterceptor",
     "PeerBearerPlugin",
+    "mint_runner_token",
     "mint_user_token",
     "new_identity",
     "ours_config",
@@ -75,27 +93,57 @@ class BenchIdentity:
     """The signing key (held by the bench process only) and its public PEM
     (sent to the server processes)."""
 
-    private_key: rsa.RSAPrivateKey
+    private_key: SigningPrivateKey
     public_pem: str
 
+    @property
+    def algorithm(self) -> str:
+        return signing_algorithm_of(self.private_key)
+
     def __repr__(self) -> str:
-        return "BenchIdentity(<RSA-2048>)"
+        return f"BenchIdentity(<{self.algorithm}>)"
 
 
-def new_identity() -> BenchIdentity:
-    """A fresh RSA-2048 signing key (what identity providers and the control
-    plane sign RS256 tokens with)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def new_identity(algorithm: str = DEFAULT_SIGNING_ALGORITHM) -> BenchIdentity:
+    """A fresh signing key for ``algorithm`` (ES256 by default, as the
+    control plane signs; RS256 as identity providers usually do)."""
+    key = generate_signing_key(algorithm)
     pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return BenchIdentity(private_key=key, public_pem=pem.decode("ascii"))
 
 
+def mint_runner_token(identity: BenchIdentity, *, now: float, subject: str = OWNER) -> str:
+    """A runner token exactly as the control plane's :class:`JwtIssuer`
+    issues it (its claims, header and algorithm), for ``subject``: the bearer
+    a runner sends on every call."""
+    issuer = JwtIssuer(
+        signing_keys=SigningKeySet(SigningKey(identity.private_key, KID)),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        ttl=_TOKEN_TTL,
+        subject=subject,
+        clock=_FixedClock(now),
+    )
+    return issuer.issue_now(SESSION_ID).token
+
+
+class _FixedClock:
+    def __init__(self, now: float) -> None:
+        self._now = now
+
+    def time(self) -> float:
+        return self._now
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
 def mint_user_token(
     identity: BenchIdentity, *, now: float, subject: str = OWNER, jti: str | None = None
 ) -> str:
-    """An RS256 user token shaped like an OIDC identity provider's (~850 chars)."""
+    """A user token shaped like an OIDC identity provider's (~850 chars with RS256)."""
     claims = {
         "iss": ISSUER,
         "aud": [AUDIENCE],
@@ -112,28 +160,30 @@ def mint_user_token(
         "name": subject.title(),
         "groups": ["ambient-users", "team-platform"],
     }
-    return jwt.encode(claims, identity.private_key, algorithm="RS256", headers={"kid": KID})
+    return jwt.encode(
+        claims, identity.private_key, algorithm=identity.algorithm, headers={"kid": KID}
+    )
 
 
-def _public_key(public_pem: str) -> rsa.RSAPublicKey:
+def _public_key(public_pem: str) -> PublicKey:
     key = serialization.load_pem_public_key(public_pem.encode("ascii"))
-    if not isinstance(key, rsa.RSAPublicKey):
-        raise TypeError("bench: expected an RSA public key")
-    return key
+    signing_algorithm_of(key)  # type: ignore[arg-type]  # raises for other key types
+    return key  # type: ignore[return-value]
 
 
 def ours_config(
     public_pem: str, owners: Mapping[str, str], *, inline_lookup: bool
 ) -> ServerAuthConfig:
-    """Our server configuration: RS256 verification with the shipped
+    """Our server configuration: verification (the key's one algorithm) with the shipped
     verified-token cache, and an ownership rule on every EchoService method
     that carries a session id (users must own the session; the lookup is an
     in-memory map, hence ``inline_lookup`` for grpc.aio)."""
+    key = _public_key(public_pem)
     issuer = TrustedIssuer(
         issuer=ISSUER,
         audiences=(AUDIENCE,),
-        keys=StaticKeySet(keys=[VerificationKey(kid=KID, key=_public_key(public_pem))]),
-        algorithms=("RS256",),
+        keys=StaticKeySet(keys=[VerificationKey(kid=KID, key=key)]),
+        algorithms=(signing_algorithm_of(key),),
     )
     rule = MethodRule.session("session_id")
     rules = {ECHO + name: rule for name in ("Echo", "StreamEcho", "CollectEcho", "ChatEcho")}
@@ -207,6 +257,7 @@ class NaiveJwtInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, *, public_pem: str, owners: Mapping[str, str]) -> None:
         self._key = _public_key(public_pem)
+        self._algorithms = [signing_algorithm_of(self._key)]
         self._owners = dict(owners)
 
     def intercept_service(
@@ -226,7 +277,7 @@ class NaiveJwtInterceptor(grpc.ServerInterceptor):
             claims = jwt.decode(
                 auth[7:],
                 self._key,
-                algorithms=["RS256"],
+                algorithms=self._algorithms,
                 audience=AUDIENCE,
                 issuer=ISSUER,
                 options={"require": ["exp", "iss", "aud", "sub"]},
@@ -260,6 +311,54 @@ class NaiveJwtInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(
             unary, handler.request_deserializer, handler.response_serializer
         )
+
+
+# --- the floor: interceptors that do nothing -----------------------------------
+
+
+class NoopServerInterceptor(grpc.ServerInterceptor):
+    """Passes every call on untouched: what gRPC charges for a server interceptor."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        return continuation(handler_call_details)
+
+
+class AioNoopServerInterceptor(grpc.aio.ServerInterceptor):
+    """The grpc.aio twin of :class:`NoopServerInterceptor`."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        return await continuation(handler_call_details)
+
+
+class NoopClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Passes every call on untouched: what gRPC charges for a client interceptor."""
+
+    def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return continuation(client_call_details, request)
+
+    def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return continuation(client_call_details, request)
+
+
+class AioNoopClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """The grpc.aio twin of :class:`NoopClientInterceptor` (unary calls)."""
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return await continuation(client_call_details, request)
 
 
 # --- the call-credentials client peer -------------------------------------------

@@ -27,7 +27,13 @@ from ambient_grpc_auth.client.channel import create_channel
 from ambient_grpc_auth.client.tokens import TokenSource
 from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 from ambient_grpc_auth.testing import FakeClock
-from bench.fixtures import SESSION_ID, CountingTokenSource, PeerBearerPlugin
+from bench.fixtures import (
+    SESSION_ID,
+    AioNoopClientInterceptor,
+    CountingTokenSource,
+    NoopClientInterceptor,
+    PeerBearerPlugin,
+)
 from bench.proc import CpuMeter, rotated
 
 __all__ = [
@@ -71,7 +77,9 @@ class SyncClients:
     - ``call_creds``: local credentials plus a call-credentials plugin to the
       local-credentials server with our interceptor;
     - ``bare_header``: the bare server, with the same ``authorization`` header
-      passed explicitly (the cost of the bytes alone).
+      passed explicitly (the cost of the bytes alone);
+    - ``noop``: a client interceptor that does nothing to a server with a
+      server interceptor that does nothing (gRPC's own interceptor floor).
     """
 
     def __init__(self, ports: Mapping[str, int], source: TokenSource, token: str) -> None:
@@ -86,6 +94,9 @@ class SyncClients:
                 _target(ports["ours_local"]), grpc.composite_channel_credentials(local, plugin)
             ),
             "bare_header": grpc.insecure_channel(_target(ports["bare"])),
+            "noop": grpc.intercept_channel(
+                grpc.insecure_channel(_target(ports["noop"])), NoopClientInterceptor()
+            ),
         }
         self.stubs = {
             name: echo_pb2_grpc.EchoServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -211,14 +222,18 @@ async def aio_round(
     meter: CpuMeter | None = None,
 ) -> tuple[dict[str, list[int]], dict[str, float]]:
     """grpc.aio sequential latencies (ns) and concurrent throughput (calls/s)
-    for ``aio_bare`` and ``aio_ours``, interleaved; CPU of the concurrent
-    batches goes to ``meter``."""
+    for ``aio_bare``, ``aio_ours`` and ``aio_noop`` (do-nothing interceptors on
+    both sides), interleaved; CPU of the concurrent batches goes to ``meter``."""
     bare = grpc.aio.insecure_channel(_target(ports["aio_bare"]))
     ours = create_aio_channel(_target(ports["aio_ours"]), source, tls=False)
+    noop = grpc.aio.insecure_channel(
+        _target(ports["aio_noop"]), interceptors=[AioNoopClientInterceptor()]
+    )
     try:
         methods = {
             "aio_bare": echo_pb2_grpc.EchoServiceStub(bare).Echo,  # type: ignore[no-untyped-call]
             "aio_ours": echo_pb2_grpc.EchoServiceStub(ours).Echo,  # type: ignore[no-untyped-call]
+            "aio_noop": echo_pb2_grpc.EchoServiceStub(noop).Echo,  # type: ignore[no-untyped-call]
         }
         calls = {name: _unary_call(method, None) for name, method in methods.items()}
         names = list(calls)
@@ -248,6 +263,7 @@ async def aio_round(
         throughput = {name: concurrent_calls * concurrent_batches / elapsed[name] for name in names}
         return samples, throughput
     finally:
+        await noop.close()
         await ours.close()
         await bare.close()
 

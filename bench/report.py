@@ -101,6 +101,13 @@ def summarize(res: Results, rss: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     aio_clean = all(r["failed"] == 0 for r in res.stampede_aio)
     growth = (rss["rss_after_kib"] - rss["rss_before_kib"]) / 1024
     bound = round(rss["max_entries"] * RSS_BUDGET_PER_ENTRY / _MIB, 1)
+    # gRPC's own floor: do-nothing interceptors on both sides, same run.
+    floor = {
+        "sync_unary": median(_ratios(sync, "noop", "bare")),
+        "aio_unary": median(_ratios(_p50s(res.aio_latency), "aio_noop", "aio_bare")),
+        "aio_concurrent": median(_ratios(res.aio_throughput, "aio_noop", "aio_bare")),
+        "stream": median(_ratios(res.stream, "stream_noop", "stream_bare")),
+    }
     ours = round(ours, 4)
     metrics = {
         "sync_unary_p50_ratio": _metric(ours, "<= 1.05", lambda v: v <= 1.05),
@@ -111,11 +118,22 @@ def summarize(res: Results, rss: dict[str, Any]) -> tuple[dict[str, Any], dict[s
         "stream_throughput_ratio": _metric(stream, ">= 0.98", lambda v: v >= 0.98),
         "stampede_fetches_sync": _metric(fetches_sync, "== 1", lambda v: v == 1 and sync_clean),
         "stampede_fetches_aio": _metric(fetches_aio, "== 1", lambda v: v == 1 and aio_clean),
+        **{
+            f"{mode}_noop_interceptor_ratio": _metric(value, "floor (info)", lambda v: True)
+            for mode, value in floor.items()
+        },
         "token_endpoint_vs_raw_decrypt": _metric(token, ">= 0.8", lambda v: v >= 0.8),
         "verified_cache_hit_us": _metric(hit, "<= 5", lambda v: v <= 5),
         "verified_cache_rss_mb_100k": _metric(growth, f"<= {bound}", lambda v: v <= bound),
     }
     context = {
+        # How far ours is from the floor, per mode: ours / noop (1.0: at the floor).
+        "ours_vs_noop_floor": {
+            "sync_unary": median(_ratios(sync, "ours", "noop")),
+            "aio_unary": median(_ratios(_p50s(res.aio_latency), "aio_ours", "aio_noop")),
+            "aio_concurrent": median(_ratios(res.aio_throughput, "aio_ours", "aio_noop")),
+            "stream": median(_ratios(res.stream, "stream_ours", "stream_noop")),
+        },
         "sync_unary": {
             "p50_us_median": {n: median([r[n] for r in sync]) for n in sync[0]},
             "bare_header_ratio": median(_ratios(sync, "bare_header", "bare")),

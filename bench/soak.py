@@ -102,7 +102,7 @@ from ambient_grpc_auth.client.sessions import WatchRetryPolicy
 from ambient_grpc_auth.client.tokens import StaticTokenSource
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.issuers import DEFAULT_AUDIENCE
-from ambient_grpc_auth.controlplane.keys import ensure_keys
+from ambient_grpc_auth.controlplane.keys import DEFAULT_SIGNING_ALGORITHM, ensure_keys
 from ambient_grpc_auth.controlplane.server import start_token_server
 from ambient_grpc_auth.errors import ConfigurationError
 from ambient_grpc_auth.proto.ambient.v1 import sessions_pb2, sessions_pb2_grpc
@@ -463,7 +463,8 @@ async def _serve_sessions(spec: Mapping[str, Any]) -> int:
         issuer=spec["issuer"],
         audiences=(spec["audience"],),
         keys=JwksCache(spec["jwks_url"], cooldown=1.0),
-        algorithms=("RS256",),
+        # What the soak's token server signs with (a fresh key directory).
+        algorithms=(DEFAULT_SIGNING_ALGORITHM,),
         leeway=float(spec["leeway"]),
         control_plane=True,
     )

@@ -47,7 +47,11 @@ from ambient_grpc_auth.client.sessions import WatchRetryPolicy
 from ambient_grpc_auth.client.tokens import StaticTokenSource
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.issuers import DEFAULT_AUDIENCE
-from ambient_grpc_auth.controlplane.keys import load_keys, rotate_signing_key
+from ambient_grpc_auth.controlplane.keys import (
+    DEFAULT_SIGNING_ALGORITHM,
+    load_keys,
+    rotate_signing_key,
+)
 from ambient_grpc_auth.controlplane.server import RunningTokenServer, start_token_server
 from ambient_grpc_auth.errors import TokenUnavailableError
 from ambient_grpc_auth.jwk import VerificationKey
@@ -230,7 +234,7 @@ def server_config(
         issuer=cp_issuer_url(cp_port),
         audiences=(DEFAULT_AUDIENCE,),
         keys=keys,
-        algorithms=("RS256",),
+        algorithms=(DEFAULT_SIGNING_ALGORITHM,),
         leeway=leeway,
         control_plane=True,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -23,16 +24,28 @@ from ambient_grpc_auth.controlplane._listener import (
 from ambient_grpc_auth.controlplane.config import TokenServerConfig
 from ambient_grpc_auth.controlplane.issuers import JwtIssuer, TokenIssueError, TokenIssuer
 from ambient_grpc_auth.controlplane.keys import (
+    CPKeys,
     SigningKeySet,
     SigningKeyStore,
     ensure_keys,
+    ensure_signing_algorithm,
     load_keys,
 )
 from ambient_grpc_auth.controlplane.metrics import TokenServerMetrics
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcClientCredentialsIssuer
 from ambient_grpc_auth.controlplane.podproof import PodIdentity, PodProofVerifier
-from ambient_grpc_auth.controlplane.replay import ReplayGuard
-from ambient_grpc_auth.errors import ConfigurationError, ProofError, TokenRejectedError
+from ambient_grpc_auth.controlplane.replay import (
+    RedisReplayStore,
+    ReplayGuard,
+    ReplayStore,
+    ReplayStoreUnavailableError,
+)
+from ambient_grpc_auth.errors import (
+    ConfigurationError,
+    KeyFileError,
+    ProofError,
+    TokenRejectedError,
+)
 from ambient_grpc_auth.proof import (
     POD_TOKEN_HEADER,
     PROOF_VERSIONS_FIELD,
@@ -71,7 +84,8 @@ class TokenServerCounters:
     """Requests by outcome and refusals by reason (thread-safe, for metrics and tests).
 
     Outcomes: ``issued``, ``unauthorized`` (401), ``forbidden`` (403),
-    ``method_not_allowed``, ``busy`` (503), ``upstream_error``, ``timeout``,
+    ``method_not_allowed``, ``busy`` (503), ``replay_store_unavailable``
+    (503), ``upstream_error``, ``timeout``,
     ``internal_error``; also ``decrypts`` (proofs handed to the thread pool).
     """
 
@@ -110,10 +124,12 @@ class State:
                 raise ConfigurationError("token server: keys_dir or keys is required")
             need_signing = config.oidc is None and config.token_issuer is None
             keys = (
-                ensure_keys(config.keys_dir)
+                ensure_keys(config.keys_dir, signing_algorithm=config.signing_algorithm)
                 if config.generate_keys
                 else load_keys(config.keys_dir, require_signing=need_signing)
             )
+            if need_signing:
+                keys = _with_signing_algorithm(keys, config.keys_dir, config)
         self.private_key: rsa.RSAPrivateKey = keys.private_key
         workers = config.max_concurrent_decrypts or os.cpu_count() or 1
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ambient-token")
@@ -122,16 +138,25 @@ class State:
         self.max_pending = config.max_pending_requests
         self.request_timeout = config.request_timeout
         self.rule = config.session_id_rule or SessionIdRule(pattern=config.session_id_pattern)
+        store: ReplayStore | None = config.replay_store
+        self.redis_store: RedisReplayStore | None = None
+        if config.replay_redis_url is not None:
+            store = self.redis_store = RedisReplayStore(
+                config.replay_redis_url,
+                key_prefix=config.replay_redis_prefix,
+                timeout=config.replay_redis_timeout,
+                clock=config.clock,
+            )
         self.guard = ReplayGuard(
             window_seconds=config.proof_window,
             require_fresh_proof=config.require_fresh_proof,
             clock=config.clock,
-            store=config.replay_store,
-            max_entries=None if config.replay_store is not None else config.replay_max_entries,
+            store=store,
+            max_entries=None if store is not None else config.replay_max_entries,
         )
         # The in-process store answers under a short lock; any other store may
         # do network I/O and is kept off the event loop.
-        self._guard_off_loop = config.replay_store is not None
+        self._guard_off_loop = store is not None
         self.session_check = config.session_check
         self.counters = TokenServerCounters()
         self.metrics = TokenServerMetrics(self.counters.snapshot, self.counters.reasons)
@@ -239,6 +264,33 @@ async def _pod_identity(state: State, request: web.Request) -> PodIdentity | Non
     return await state.pod.authenticate(token)
 
 
+def _with_signing_algorithm(
+    keys: CPKeys, keys_dir: str | os.PathLike[str], config: TokenServerConfig
+) -> CPKeys:
+    """Move a key directory to the configured signing algorithm (a rotation)
+    when allowed to write there; otherwise keep the key and say so."""
+    current = keys.signing.current if keys.signing is not None else None
+    if current is None or current.algorithm == config.signing_algorithm:
+        return keys
+    if config.generate_keys:
+        try:
+            signing = ensure_signing_algorithm(
+                keys_dir, config.signing_algorithm, clock=config.clock
+            )
+        except KeyFileError as exc:
+            _log.warning("cannot rotate the signing key to %s: %s", config.signing_algorithm, exc)
+        else:
+            return dataclasses.replace(keys, signing=signing)
+    _log.warning(
+        "signing.pem signs %s but %s is configured: signing with %s "
+        "(rotate the key in the key directory to switch)",
+        current.algorithm,
+        config.signing_algorithm,
+        current.algorithm,
+    )
+    return keys
+
+
 def _url_base(issuer: JwtIssuer | None) -> str | None:
     if issuer is not None and issuer.issuer.startswith(("https://", "http://")):
         return issuer.issuer
@@ -316,6 +368,10 @@ async def _handle_token(request: web.Request) -> web.StreamResponse:
             logging.WARNING, "busy", "token request refused: too many pending requests"
         )
         return _text(503, "busy", {"Retry-After": "1"})
+    except ReplayStoreUnavailableError as exc:
+        counters.add("replay_store_unavailable")
+        _log.error("token request refused (503): %s; session=%r", exc, sid)
+        return _text(503, "replay store unavailable", {"Retry-After": "1"})
     except TokenIssueError as exc:
         counters.add("upstream_error")
         state.error_log.log(
@@ -407,6 +463,8 @@ async def _advertise(request: web.Request, response: web.StreamResponse) -> None
 async def _cleanup(app: web.Application) -> None:
     state = app[STATE]
     await asyncio.to_thread(state.executor.shutdown, wait=True, cancel_futures=True)
+    if state.redis_store is not None:
+        state.redis_store.close()
 
 
 def make_app(state: State, config: TokenServerConfig) -> web.Application:

@@ -14,11 +14,17 @@ from ambient_grpc_auth.controlplane.issuers import (
     DEFAULT_USERNAME,
     TokenIssuer,
 )
-from ambient_grpc_auth.controlplane.keys import CPKeys
+from ambient_grpc_auth.controlplane.keys import (
+    DEFAULT_SIGNING_ALGORITHM,
+    SIGNING_ALGORITHMS,
+    CPKeys,
+)
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcSettings
 from ambient_grpc_auth.controlplane.podproof import PodProofSettings
 from ambient_grpc_auth.controlplane.replay import (
     DEFAULT_MAX_ENTRIES,
+    DEFAULT_REDIS_KEY_PREFIX,
+    DEFAULT_REDIS_TIMEOUT,
     DEFAULT_WINDOW_SECONDS,
     ReplayStore,
 )
@@ -58,6 +64,13 @@ class TokenServerConfig:
     generate_keys: bool = True
     #: Seconds between checks of ``keys_dir`` for a rotated signing key.
     signing_key_check_interval: float = 10.0
+    #: Algorithm of the signing key (``ES256``, ``RS256`` or ``EdDSA``). A
+    #: missing key is generated for it; with ``generate_keys``, a
+    #: ``signing.pem`` of another type is rotated to it at start (the old key
+    #: stays published until its tokens expire). Otherwise, and when the
+    #: rotation cannot be written (a read-only Secret), the algorithm follows
+    #: the key and a warning says so.
+    signing_algorithm: str = DEFAULT_SIGNING_ALGORITHM
 
     # -- issued tokens
 
@@ -98,6 +111,15 @@ class TokenServerConfig:
     #: Where accepted v2 nonces are remembered, e.g. a store shared by all
     #: replicas. Default: in-process. Called from a worker thread, so it may block.
     replay_store: ReplayStore | None = None
+    #: Shorthand for a :class:`~ambient_grpc_auth.controlplane.replay.RedisReplayStore`
+    #: on this URL (``redis://host:6379/0``), shared by replicas; not with
+    #: ``replay_store``. Needs the ``redis`` extra.
+    replay_redis_url: str | None = None
+    #: Prefix of the Redis store's keys (to share one Redis between deployments).
+    replay_redis_prefix: str = DEFAULT_REDIS_KEY_PREFIX
+    #: Connect and read timeout (seconds) of the Redis store: a slower Redis
+    #: answers 503 rather than holding requests.
+    replay_redis_timeout: float = DEFAULT_REDIS_TIMEOUT
     #: Last say on a session whose proof passed (see :data:`SessionCheck`).
     session_check: SessionCheck | None = None
     #: Accept pod-bound proofs: the runner's service-account token, checked
@@ -141,9 +163,21 @@ class TokenServerConfig:
             raise ConfigurationError("token server: set session_id_rule or session_id_pattern")
         if self.replay_store is not None and self.replay_max_entries != DEFAULT_MAX_ENTRIES:
             raise ConfigurationError("token server: set replay_store or replay_max_entries")
+        if self.replay_store is not None and self.replay_redis_url is not None:
+            raise ConfigurationError("token server: set replay_store or replay_redis_url")
+        if self.signing_algorithm not in SIGNING_ALGORITHMS:
+            raise ConfigurationError(
+                f"token server: signing_algorithm must be one of {', '.join(SIGNING_ALGORITHMS)}"
+            )
         if self.max_concurrent_decrypts is not None and self.max_concurrent_decrypts < 1:
             raise ConfigurationError("token server: max_concurrent_decrypts must be >= 1")
-        for name in ("request_timeout", "proof_window", "shutdown_timeout", "header_timeout"):
+        for name in (
+            "request_timeout",
+            "proof_window",
+            "shutdown_timeout",
+            "header_timeout",
+            "replay_redis_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"token server: {name} must be positive")
         if self.replay_max_entries < 1:

@@ -13,31 +13,46 @@ Two parts, so that the remembering can live elsewhere than in this process:
 A control plane run as several replicas needs one store they all share,
 otherwise a proof refused as a replay by one replica is accepted by another.
 Such a store implements :meth:`ReplayStore.remember` with one atomic command
-of its backend, e.g. Redis ``SET <key> 1 NX PX <ms until T>`` (True when the
-key was set), and is passed as ``TokenServerConfig.replay_store``; the token
-endpoint then calls the guard from a worker thread, never on its event loop,
-so a blocking client is fine. A store that cannot answer should raise: the
-request then fails with 500 rather than accepting an unchecked proof.
+of its backend: :class:`RedisReplayStore` uses Redis ``SET <key> 1 NX PX <ms
+until T>`` (True when the key was set). It is passed as
+``TokenServerConfig.replay_store`` (or built from ``replay_redis_url``); the
+token endpoint then calls the guard from a worker thread, never on its event
+loop, so a blocking client is fine. A store that cannot answer raises
+:class:`ReplayStoreUnavailableError` (the endpoint answers 503) or anything
+else (500); either way no proof is accepted unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
+import math
 import threading
 from collections.abc import Sized
 from typing import Final, Protocol, runtime_checkable
 
 from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
-from ambient_grpc_auth.errors import ConfigurationError, ProofError
+from ambient_grpc_auth.errors import AmbientAuthError, ConfigurationError, ProofError
 from ambient_grpc_auth.proof import DecodedProof
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError:  # the optional "redis" extra is not installed
+    redis = None  # type: ignore[assignment]
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
+    "DEFAULT_REDIS_KEY_PREFIX",
+    "DEFAULT_REDIS_TIMEOUT",
     "DEFAULT_WINDOW_SECONDS",
     "MemoryReplayStore",
+    "RedisReplayStore",
     "ReplayGuard",
     "ReplayStore",
+    "ReplayStoreUnavailableError",
 ]
 
 _log = logging.getLogger(__name__)
@@ -53,6 +68,16 @@ DEFAULT_MAX_ENTRIES: Final = 100_000
 _RETENTION_MARGIN: Final = 1.0
 # A store that evicts live keys says so at most this often (seconds).
 _FULL_WARNING_INTERVAL: Final = 60.0
+#: What :class:`RedisReplayStore` puts in front of its keys.
+DEFAULT_REDIS_KEY_PREFIX: Final = "ambient-grpc-auth:proof:"
+#: Connect and read timeout (seconds) of :class:`RedisReplayStore`.
+DEFAULT_REDIS_TIMEOUT: Final = 0.5
+
+
+class ReplayStoreUnavailableError(AmbientAuthError):
+    """The replay store could not answer (down, unreachable, too slow). The
+    proof is neither accepted nor refused; the token endpoint answers 503.
+    The message names the failure's type only, never a key or proof."""
 
 
 @runtime_checkable
@@ -227,3 +252,93 @@ class ReplayGuard:
         key = f"{proof.session_id}\x00{proof.nonce}"
         if not self._store.remember(key, ts + self.window_seconds + _RETENTION_MARGIN):
             raise ProofError("replayed", 401)
+
+
+class RedisReplayStore:
+    """A :class:`ReplayStore` in Redis, shared by every replica pointed at it.
+
+    :meth:`remember` is one ``SET <prefix><digest> 1 NX PX <ms>`` command:
+    atomic in Redis, so of any number of replicas asking for one key at once
+    exactly one gets True. The key name is a digest of the (session id,
+    nonce) key, so nothing of the proof is stored; Redis expires it when the
+    proof could no longer pass the freshness check anyway.
+
+    Failing closed: when Redis cannot be reached or does not answer within
+    ``timeout`` seconds (connect and read, no retries), :meth:`remember`
+    raises :class:`ReplayStoreUnavailableError`, so no v2 proof is accepted
+    unchecked. The first failure after a success logs one warning, and the
+    first success after failures logs that the store is back; the URL (it
+    may hold a password) and the keys are never logged. Each call uses a
+    pooled connection and reconnects as needed, so the store recovers by
+    itself once Redis answers again.
+
+    Needs the ``redis`` extra (``pip install 'ambient-grpc-auth[redis]'``);
+    ConfigurationError when it is missing or ``url`` is not a Redis URL.
+    Thread-safe (redis-py's connection pool); calls block, so call them off
+    an event loop.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = DEFAULT_REDIS_KEY_PREFIX,
+        timeout: float = DEFAULT_REDIS_TIMEOUT,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        if redis is None:
+            raise ConfigurationError(
+                "the Redis replay store needs the redis package "
+                "(pip install 'ambient-grpc-auth[redis]')"
+            )
+        if not 0 < timeout <= 60:
+            raise ConfigurationError("Redis replay store: timeout must be in (0, 60] seconds")
+        try:
+            self._client = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=timeout,
+                socket_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+            )
+        except ValueError:
+            # The message could echo the URL, password included.
+            raise ConfigurationError("Redis replay store: not a valid redis:// URL") from None
+        self._prefix = key_prefix
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down = False
+
+    def remember(self, key: str, until: float) -> bool:
+        ms = max(1, math.ceil((until - self._clock.time()) * 1000))
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        try:
+            stored = self._client.set(self._prefix + digest, b"1", nx=True, px=ms)
+        except redis.RedisError as exc:
+            self._note(up=False, failure=type(exc).__name__)
+            raise ReplayStoreUnavailableError(
+                f"Redis replay store unavailable ({type(exc).__name__})"
+            ) from None
+        self._note(up=True)
+        return bool(stored)
+
+    def _note(self, *, up: bool, failure: str = "") -> None:
+        with self._lock:
+            if self._down != up:
+                return
+            self._down = not up
+        if up:
+            _log.warning("Redis replay store reachable again: v2 proofs are accepted")
+        else:
+            _log.error(
+                "Redis replay store unavailable (%s): v2 proofs are refused with 503 "
+                "until it answers",
+                failure,
+            )
+
+    def close(self) -> None:
+        """Close the pooled connections (a later call reconnects)."""
+        self._client.close()
+
+    def __repr__(self) -> str:
+        return f"RedisReplayStore(key_prefix={self._prefix!r})"

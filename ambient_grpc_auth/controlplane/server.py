@@ -7,7 +7,8 @@ Routes:
   401 missing/malformed header or undecryptable/stale/replayed proof; 403 the
   session id is not acceptable; 405 any other method (``Allow: GET``); 500 the
   token provider failed or something unexpected happened; 503 too many
-  requests waiting for decryption. Bodies are short fixed text and never echo
+  requests waiting for decryption, or the shared replay store (Redis) cannot
+  answer for a v2 proof. Bodies are short fixed text and never echo
   the bearer; responses carry ``Cache-Control: no-store``.
 - ``GET /healthz`` -> 200 ``ok``.
 - ``GET /.well-known/jwks.json`` and ``GET /.well-known/openid-configuration``:

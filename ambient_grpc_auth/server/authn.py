@@ -78,7 +78,15 @@ DEFAULT_STATIC_USERNAME = "ambient-api-token"
 #: provider's user named like the static token's username is someone else.
 STATIC_TOKEN_ISSUER = "ambient-grpc-auth:static-token"  # noqa: S105 (a name)
 #: Asymmetric algorithms accepted unless configured otherwise.
-DEFAULT_ALGORITHMS: tuple[str, ...] = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+DEFAULT_ALGORITHMS: tuple[str, ...] = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "ES256",
+    "ES384",
+    "PS256",
+    "EdDSA",
+)
 #: Everything an issuer may allow. No HMAC (a public key must never double as
 #: an HMAC secret) and no ``none``.
 SUPPORTED_ALGORITHMS = frozenset(

@@ -20,10 +20,13 @@ from support.keys import other_key
 
 from ambient_grpc_auth._keyfiles import create_exclusive
 from ambient_grpc_auth.controlplane.keys import (
+    SIGNING_ALGORITHMS,
     SigningKey,
     SigningKeySet,
     SigningKeyStore,
     ensure_keys,
+    ensure_signing_algorithm,
+    generate_signing_key,
     jwks,
     k8s_secret_manifest,
     load_keys,
@@ -36,8 +39,8 @@ from ambient_grpc_auth.controlplane.keys import (
     public_key_pem,
     rotate_signing_key,
 )
-from ambient_grpc_auth.errors import KeyFileError
-from ambient_grpc_auth.jwk import jwk_thumbprint
+from ambient_grpc_auth.errors import ConfigurationError, KeyFileError
+from ambient_grpc_auth.jwk import jwk_thumbprint, key_from_jwk
 from ambient_grpc_auth.testing import FakeClock
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth"}
@@ -66,7 +69,8 @@ def test_generated_layout_formats_and_modes(tmp_path: Path) -> None:
     pub_text = (d / "public.pem").read_text()
     assert priv_text.startswith("-----BEGIN RSA PRIVATE KEY-----")
     assert pub_text.startswith("-----BEGIN PUBLIC KEY-----")
-    assert (d / "signing.pem").read_text().startswith("-----BEGIN RSA PRIVATE KEY-----")
+    # ES256 by default: an EC P-256 key in PKCS#8.
+    assert (d / "signing.pem").read_text().startswith("-----BEGIN PRIVATE KEY-----")
     priv = serialization.load_pem_private_key(priv_text.encode(), password=None)
     pub = serialization.load_pem_public_key(pub_text.encode())
     assert isinstance(priv, rsa.RSAPrivateKey)
@@ -76,14 +80,16 @@ def test_generated_layout_formats_and_modes(tmp_path: Path) -> None:
     keys = load_keys(d)
     assert keys.signing is not None
     signing = keys.signing.current.private_key
-    assert signing.key_size == 2048
-    # Signing and encryption keys are distinct.
-    assert signing.public_key().public_numbers() != pub.public_numbers()
+    # New signing keys are EC P-256 (ES256), distinct from the encryption key.
+    assert isinstance(signing, ec.EllipticCurvePrivateKey)
+    assert isinstance(signing.curve, ec.SECP256R1)
+    assert keys.signing.current.algorithm == "ES256"
     # No temporary files left behind.
     assert sorted(os.listdir(d)) == ["private.pem", "public.pem", "signing.pem"]
     # Nothing secret in the reprs.
     assert "BEGIN" not in repr(keys)
-    assert str(signing.private_numbers().d) not in repr(keys)
+    assert str(signing.private_numbers().private_value) not in repr(keys)
+    assert str(keys.private_key.private_numbers().d) not in repr(keys)
 
 
 def test_keys_persist_across_restarts(tmp_path: Path) -> None:
@@ -296,8 +302,7 @@ def test_public_jwk_and_jwks_hold_only_public_members() -> None:
     sk = keys.signing.current
     jwk = public_jwk(sk.private_key)
     assert jwk["kid"] == sk.kid == jwk_thumbprint(sk.private_key.public_key())
-    assert jwk["kty"] == "RSA"
-    assert jwk["alg"] == "RS256"
+    assert (jwk["kty"], jwk["crv"], jwk["alg"]) == ("EC", "P-256", "ES256")
     assert jwk["use"] == "sig"
     assert not PRIVATE_MEMBERS & set(jwk)
     doc = jwks([sk])
@@ -305,6 +310,30 @@ def test_public_jwk_and_jwks_hold_only_public_members() -> None:
     # A standard consumer turns it back into the same public key.
     parsed = jwt.PyJWKSet.from_dict(doc)[sk.kid].key
     assert parsed.public_numbers() == sk.private_key.public_key().public_numbers()
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "kty", "crv"),
+    [("ES256", "EC", "P-256"), ("RS256", "RSA", None), ("EdDSA", "OKP", "Ed25519")],
+)
+def test_each_signing_algorithm_publishes_its_key_type(
+    algorithm: str, kty: str, crv: str | None
+) -> None:
+    sk = SigningKey.from_private_key(generate_signing_key(algorithm))
+    assert sk.algorithm == algorithm
+    jwk = sk.public_jwk()
+    assert (jwk["kty"], jwk.get("crv"), jwk["alg"], jwk["use"]) == (kty, crv, algorithm, "sig")
+    assert not PRIVATE_MEMBERS & set(jwk)
+    # The published JWK round-trips through the verifier's own parser.
+    vk = key_from_jwk(jwk)
+    assert vk.kid == sk.kid
+    assert vk.allows(algorithm)
+    assert not any(vk.allows(other) for other in SIGNING_ALGORITHMS if other != algorithm)
+
+
+def test_unknown_signing_algorithm_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="HS256"):
+        generate_signing_key("HS256")
 
 
 def test_k8s_secret_manifest(tmp_path: Path) -> None:
@@ -363,6 +392,35 @@ def test_rotation_retires_publishes_and_prunes(tmp_path: Path) -> None:
     clock.advance(901)
     assert prune_retired_signing_keys(d, max_token_ttl=900, clock=clock) == retired_files
     assert load_signing_keys(d).retired == ()
+
+
+def test_rsa_signing_key_directory_keeps_working_and_moves_to_es256(tmp_path: Path) -> None:
+    # A directory made when RS256 was the default: signing.pem is RSA (PKCS#1).
+    d = copy_keys(tmp_path / "k")
+    (d / "signing.pem").write_bytes(private_key_pem(other_key()))
+    old = load_signing_keys(d)
+    assert old.current.algorithm == "RS256"  # the algorithm follows the key
+    # A plain rotation keeps the algorithm.
+    clock = FakeClock(start=1_800_000_000.0)
+    same = rotate_signing_key(d, clock=clock)
+    assert same.current.algorithm == "RS256"
+    clock.advance(1)
+    # Asking for ES256 retires the RSA key (still published) and adds an EC one.
+    moved = ensure_signing_algorithm(d, "ES256", clock=clock)
+    assert moved.current.algorithm == "ES256"
+    assert [k.kid for k in moved.retired][0] == same.current.kid
+    published = {
+        k["kid"]: k for k in jwks(moved.published(now=clock.time(), max_token_ttl=900))["keys"]
+    }
+    assert published[moved.current.kid]["kty"] == "EC"
+    assert published[same.current.kid]["kty"] == "RSA"
+    # Already there: no second rotation.
+    assert ensure_signing_algorithm(d, "ES256", clock=clock) == load_signing_keys(d)
+    assert len(load_signing_keys(d).retired) == 2
+    # And back, or to EdDSA, the same way.
+    assert ensure_signing_algorithm(d, "EdDSA", clock=clock).current.algorithm == "EdDSA"
+    with pytest.raises(ConfigurationError):
+        ensure_signing_algorithm(d, "HS256")
 
 
 def test_interrupted_rotation_is_resolved(tmp_path: Path) -> None:

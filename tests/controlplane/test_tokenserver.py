@@ -31,6 +31,7 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from multidict import CIMultiDict
 from support.cp import (
     copy_keys,
@@ -42,6 +43,7 @@ from support.cp import (
     serving,
     verify_with,
 )
+from support.keys import other_key
 from support.waiting import async_wait_until as wait_until
 
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
@@ -53,11 +55,19 @@ from ambient_grpc_auth.controlplane.issuers import (
     JwtIssuer,
     format_rfc3339,
 )
-from ambient_grpc_auth.controlplane.keys import load_keys, load_public_key, rotate_signing_key
+from ambient_grpc_auth.controlplane.keys import (
+    load_keys,
+    load_public_key,
+    private_key_pem,
+    rotate_signing_key,
+)
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcClientCredentialsIssuer, OidcSettings
 from ambient_grpc_auth.controlplane.server import create_app
-from ambient_grpc_auth.errors import ConfigurationError
+from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
+from ambient_grpc_auth.jwk import parse_jwks
 from ambient_grpc_auth.proof import encrypt_v1, encrypt_v2
+from ambient_grpc_auth.server.authn import JwtAuthenticator, TrustedIssuer
+from ambient_grpc_auth.server.jwks import StaticKeySet
 from ambient_grpc_auth.testing import FakeClock
 
 SID = "session-0123456789abcdef"
@@ -121,7 +131,13 @@ async def test_runner_request_gets_a_verifiable_token(
     assert claims[TOKEN_USE_CLAIM] == RUNNER_TOKEN_USE
     assert claims["sub"] == DEFAULT_SUBJECT
     assert claims["exp"] - claims["iat"] == 900
-    assert claims["nbf"] == claims["iat"]
+    # A short bearer: only what verifiers read, no typ header.
+    assert set(claims) == {"iss", "aud", "sub", "iat", "exp", SESSION_ID_CLAIM, TOKEN_USE_CLAIM}
+    assert jwt.get_unverified_header(doc["token"]) == {
+        "alg": "ES256",
+        "kid": jwt.get_unverified_header(doc["token"])["kid"],
+    }
+    assert len(doc["token"].rsplit(".", 1)[1]) == 86
     expires = datetime.fromisoformat(doc["expires_at"].replace("Z", "+00:00"))
     assert expires.timestamp() == claims["exp"]
     assert abs(claims["iat"] - time.time()) < 30
@@ -302,7 +318,7 @@ async def test_discovery_and_standard_jwks_client(
         disc = json.loads(body)
         assert disc["issuer"] == srv.url  # defaults to the server's own URL
         assert disc["jwks_uri"] == srv.jwks_url
-        assert disc["id_token_signing_alg_values_supported"] == ["RS256"]
+        assert disc["id_token_signing_alg_values_supported"] == ["ES256"]
         client = jwt.PyJWKClient(disc["jwks_uri"], cache_jwk_set=False, timeout=5)
         # PyJWKClient does blocking I/O; the server runs on this loop.
         key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
@@ -315,9 +331,9 @@ async def test_discovery_and_standard_jwks_client(
         )
         assert claims[SESSION_ID_CLAIM] == SID
         with pytest.raises(jwt.InvalidAudienceError):
-            jwt.decode(token, key.key, algorithms=["RS256"], issuer=srv.url, audience="other")
+            jwt.decode(token, key.key, algorithms=["ES256"], issuer=srv.url, audience="other")
         with pytest.raises(jwt.InvalidIssuerError):
-            jwt.decode(token, key.key, algorithms=["RS256"], issuer="https://evil", audience=AUD)
+            jwt.decode(token, key.key, algorithms=["ES256"], issuer="https://evil", audience=AUD)
         head, payload, sig = token.split(".")
         forged = json.loads(base64.urlsafe_b64decode(payload + "=="))
         forged[SESSION_ID_CLAIM] = "session-someone-else"
@@ -326,7 +342,7 @@ async def test_discovery_and_standard_jwks_client(
             jwt.decode(
                 f"{head}.{forged_payload.decode()}.{sig}",
                 key.key,
-                algorithms=["RS256"],
+                algorithms=["ES256"],
                 issuer=srv.url,
                 audience=AUD,
             )
@@ -364,6 +380,66 @@ async def test_rotation_keeps_old_key_until_its_tokens_expire(
         with pytest.raises(KeyError):
             verify_with(jwks, t1, issuer=ISS, audience=AUD)
         verify_with(jwks, t2, issuer=ISS, audience=AUD)
+
+
+async def test_rs256_key_directory_keeps_working_then_moves_to_es256(
+    keys_dir: Path, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A key directory from when RS256 was the default: an RSA signing.pem.
+    (keys_dir / "signing.pem").write_bytes(private_key_pem(other_key()))
+    pub = pub_key(keys_dir)
+    caplog.set_level(logging.WARNING)
+    # Not allowed to write there (a mounted Secret): the algorithm follows the key.
+    async with serving(cfg(keys_dir, generate_keys=False)) as srv:
+        old = (await token_of(http, srv.token_url, encrypt_v1(pub, SID)))["token"]
+        assert jwt.get_unverified_header(old)["alg"] == "RS256"
+        verify_with(await fetch_jwks(http, srv.jwks_url), old, issuer=ISS, audience=AUD)
+    assert "signing.pem signs RS256 but ES256 is configured" in caplog.text
+    # Allowed to write: the configured ES256 rotates the RSA key out, which
+    # stays published so that its tokens keep verifying until they expire.
+    async with serving(cfg(keys_dir)) as srv:
+        new = (await token_of(http, srv.token_url, encrypt_v1(pub, SID)))["token"]
+        assert jwt.get_unverified_header(new)["alg"] == "ES256"
+        jwks = await fetch_jwks(http, srv.jwks_url)
+        assert sorted(k.key_type for k in jwks.keys) == ["EC", "RSA"]
+        for token in (old, new):
+            assert verify_with(jwks, token, issuer=ISS, audience=AUD)[SESSION_ID_CLAIM] == SID
+        disc = json.loads((await get(http, srv.url + "/.well-known/openid-configuration"))[1])
+        assert disc["id_token_signing_alg_values_supported"] == ["ES256", "RS256"]
+    # Another algorithm when asked for, the same way.
+    async with serving(cfg(keys_dir, signing_algorithm="EdDSA")) as srv:
+        token = (await token_of(http, srv.token_url, encrypt_v1(pub, SID)))["token"]
+        assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+        jwks_doc = json.loads((await get(http, srv.jwks_url))[1])
+        assert {(k["kty"], k.get("crv")) for k in jwks_doc["keys"]} == {
+            ("OKP", "Ed25519"),
+            ("EC", "P-256"),
+            ("RSA", None),
+        }
+
+
+async def test_verifier_takes_es256_tokens_and_refuses_alg_key_mismatch(
+    keys_dir: Path, http: aiohttp.ClientSession
+) -> None:
+    async with serving(cfg(keys_dir)) as srv:
+        token = (await token_of(http, srv.token_url, encrypt_v1(pub_key(keys_dir), SID)))["token"]
+        keys = parse_jwks((await get(http, srv.jwks_url))[1])
+    auth = JwtAuthenticator(
+        issuers=[TrustedIssuer(issuer=ISS, audiences=(AUD,), keys=StaticKeySet(keys=keys.values()))]
+    )
+    assert auth.authenticate(token).claims[SESSION_ID_CLAIM] == SID
+    (kid,) = keys
+    claims = jwt.decode(token, options={"verify_signature": False})
+    # Signed with RS256 or EdDSA under the EC key's kid: the algorithm does
+    # not fit the key's type, refused before any signature check.
+    forged = [
+        jwt.encode(claims, other_key(), algorithm="RS256", headers={"kid": kid}),
+        jwt.encode(claims, Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": kid}),
+    ]
+    for bad in forged:
+        with pytest.raises(TokenRejectedError) as err:
+            auth.authenticate(bad)
+        assert err.value.reason == "alg_key_mismatch"
 
 
 async def test_keys_persist_across_restarts(keys_dir: Path, http: aiohttp.ClientSession) -> None:
@@ -835,10 +911,8 @@ async def test_jwt_issuer_units(keys_dir: Path) -> None:
     claims = verify_with(jwks, issued.token, issuer=ISS, audience="api-b")
     assert claims["aud"] == ["api-a", "api-b"]
     assert claims["sub"] == "system:serviceaccount:ns:svc"
-    assert (
-        claims["jti"]
-        != verify_with(jwks, issuer.issue_now(SID).token, issuer=ISS, audience="api-a")["jti"]
-    )
+    assert "jti" not in claims
+    assert "nbf" not in claims
     assert issued.to_json()["expires_at"] == format_rfc3339(issued.expires_at)
     assert RFC3339.fullmatch(issued.to_json()["expires_at"])
     with pytest.raises(ValueError, match="naive"):

@@ -21,6 +21,10 @@ METRICS = {
     "aio_unary_p50_ratio",
     "aio_concurrent_throughput_ratio",
     "stream_throughput_ratio",
+    "sync_unary_noop_interceptor_ratio",
+    "aio_unary_noop_interceptor_ratio",
+    "aio_concurrent_noop_interceptor_ratio",
+    "stream_noop_interceptor_ratio",
     "stampede_fetches_sync",
     "stampede_fetches_aio",
     "token_endpoint_vs_raw_decrypt",
@@ -132,6 +136,7 @@ def test_meta_records_rounds_counts_and_raw_numbers(
             "bare_local",
             "call_creds",
             "bare_header",
+            "noop",
         }
         for stats in round_stats.values():
             assert stats["n"] == TINY.unary_batches * TINY.unary_batch
@@ -141,8 +146,21 @@ def test_meta_records_rounds_counts_and_raw_numbers(
     # Verifying a call costs the authenticating server more CPU than echoing it.
     assert all(v["client_us"] > 0 for v in cpu.values())
     assert cpu["naive"]["server_us"] > cpu["bare"]["server_us"]
-    assert set(meta["aio"]["cpu_us_per_call_concurrent"]) == {"aio_bare", "aio_ours"}
-    assert set(meta["stream"]["cpu_us_per_message"]) == {"bare", "ours"}
+    assert set(meta["aio"]["cpu_us_per_call_concurrent"]) == {"aio_bare", "aio_ours", "aio_noop"}
+    assert set(meta["stream"]["cpu_us_per_message"]) == {"bare", "ours", "noop"}
+    # The floor is reported per mode, and how far ours is from it.
+    assert set(meta["ours_vs_noop_floor"]) == {
+        "sync_unary",
+        "aio_unary",
+        "aio_concurrent",
+        "stream",
+    }
+    assert all(v > 0 for v in meta["ours_vs_noop_floor"].values())
+    for mode in ("sync_unary", "aio_unary", "aio_concurrent", "stream"):
+        assert doc[f"{mode}_noop_interceptor_ratio"]["value"] > 0
+    # The bearer is a control-plane token, ES256 by default.
+    assert meta["signing_alg"] == "ES256"
+    assert meta["token_chars"] < 600
     assert len(meta["aio"]["latency_per_round"]) == 3
     assert len(meta["stream"]["messages_per_s_per_round"]) == TINY.stream_rounds
     token = meta["token_endpoint"]["per_second_per_round"]

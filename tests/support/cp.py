@@ -35,7 +35,7 @@ KEY_FILES = ("private.pem", "public.pem", "signing.pem")
 def master_keys_dir(encryption_key_bits: int = 4096) -> Path:
     """A directory with control-plane keys: RSA-``encryption_key_bits``
     encryption (production size by default; tests about anything but the key
-    size may take 2048) and RSA-2048 signing."""
+    size may take 2048) and an EC P-256 (ES256) signing key, the default."""
     root = Path(tempfile.mkdtemp(prefix="agauth-cp-"))
     atexit.register(shutil.rmtree, root, True)
     ensure_keys(root / "keys", encryption_key_bits=encryption_key_bits)
@@ -108,16 +108,17 @@ async def fetch_jwks(session: aiohttp.ClientSession, url: str) -> jwt.PyJWKSet:
 
 
 def verify_with(jwks: jwt.PyJWKSet, token: str, *, issuer: str, audience: str) -> dict[str, Any]:
-    """Standard verification: kid lookup in the JWKS, RS256 only, iss/aud/exp required."""
+    """Standard verification: kid lookup in the JWKS, only the algorithm the
+    JWK names (ES256 by default), iss/aud/exp/iat/sub required."""
     kid = jwt.get_unverified_header(token)["kid"]
     key = jwks[kid]
     claims: dict[str, Any] = jwt.decode(
         token,
         key.key,
-        algorithms=["RS256"],
+        algorithms=[key.algorithm_name],
         issuer=issuer,
         audience=audience,
-        options={"require": ["exp", "iat", "nbf", "iss", "aud", "sub", "jti"]},
+        options={"require": ["exp", "iat", "iss", "aud", "sub"]},
     )
     return claims
 
