@@ -184,3 +184,20 @@ def test_minimum_constraints_pin_every_runtime_floor() -> None:
 
     assert pinned.keys() == declared.keys()
     assert all(same(pinned[n], declared[n]) for n in declared), (pinned, declared)
+
+
+def test_no_private_name_is_reached_across_modules() -> None:
+    """A module may import a private module of the package (``_bearer``), but
+    not an underscored name defined inside another module."""
+    modules = _modules()
+    reached = [
+        (name, module, imported)
+        for name, path in modules.items()
+        for _, module, names in _imports(path)
+        if module.startswith(ROOT)
+        for imported in names
+        if imported.startswith("_")
+        and not imported.startswith("__")
+        and f"{module}.{imported}" not in modules
+    ]
+    assert reached == []
