@@ -100,9 +100,7 @@ def _ours(doc: dict[str, Any]) -> bool:
 
 
 def _pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        d["spec"]["template"] for d in docs if d["kind"] in ("Deployment", "Job") and _ours(d)
-    ]
+    return [d["spec"]["template"] for d in docs if d["kind"] in ("Deployment", "Job") and _ours(d)]
 
 
 def _containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
