@@ -86,8 +86,9 @@ demo: $(RUNTIME_STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# The harness only, in a few seconds; bench/results.json keeps the last full run.
 bench-quick: $(STAMP)
-	$(PY) -m bench --quick
+	$(PY) -m bench --quick --out bench/results-quick.json
 
 bench-hotpath: $(STAMP)
 	$(PY) -m bench.hotpath

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -80,26 +81,59 @@ def _runtime_distributions() -> set[str]:
     return seen
 
 
+def _guarded(tree: ast.AST) -> set[ast.AST]:
+    """Import statements inside ``try: ... except ImportError``: optional."""
+    guarded: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+            for h in node.handlers
+        ):
+            guarded.update(n for stmt in node.body for n in ast.walk(stmt))
+    return guarded
+
+
+def _top_module(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".")[0] for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return [node.module.split(".")[0]]
+    return []
+
+
 def test_the_runtime_imports_nothing_outside_its_dependencies() -> None:
     """Everything the package imports, anywhere in it, is the standard
     library or a runtime dependency: the install ``make demo`` does is
-    enough for every command."""
+    enough for every command. An import guarded by ``except ImportError``
+    may come from an optional extra declared in pyproject.toml instead."""
     imported: set[str] = set()
+    optional: set[str] = set()
     for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                imported.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported.add(node.module.split(".")[0])
-    imported -= set(sys.stdlib_module_names) | {"ambient_grpc_auth"}
+        tree = ast.parse(path.read_text())
+        guarded = _guarded(tree)
+        for node in ast.walk(tree):
+            (optional if node in guarded else imported).update(_top_module(node))
+    local = set(sys.stdlib_module_names) | {"ambient_grpc_auth"}
+    imported -= local
+    optional -= local
     providers = importlib.metadata.packages_distributions()
     runtime = _runtime_distributions()
-    outside = {}
-    for module in sorted(imported):
-        dists = {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(module, [])}
-        if not dists & runtime:
-            outside[module] = sorted(dists)
+
+    def dists_of(module: str) -> set[str]:
+        return {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(module, [])}
+
+    outside = {m: sorted(dists_of(m)) for m in sorted(imported) if not dists_of(m) & runtime}
     assert outside == {}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    declared = {
+        re.sub(r"[-_.]+", "-", Requirement(spec).name).lower()
+        for name, specs in extras.items()
+        if name not in ("test", "dev")
+        for spec in specs
+    }
+    assert {m for m in optional if not dists_of(m) & (runtime | declared)} == set()
     assert "prometheus-client" in runtime
 
 

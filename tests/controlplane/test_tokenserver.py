@@ -131,8 +131,18 @@ async def test_runner_request_gets_a_verifiable_token(
     assert claims[TOKEN_USE_CLAIM] == RUNNER_TOKEN_USE
     assert claims["sub"] == DEFAULT_SUBJECT
     assert claims["exp"] - claims["iat"] == 900
-    # A short bearer: only what verifiers read, no typ header.
-    assert set(claims) == {"iss", "aud", "sub", "iat", "exp", SESSION_ID_CLAIM, TOKEN_USE_CLAIM}
+    # A short bearer: only what verifiers read (preferred_username for the
+    # platform's API server), no typ header.
+    assert set(claims) == {
+        "iss",
+        "aud",
+        "sub",
+        "iat",
+        "exp",
+        SESSION_ID_CLAIM,
+        TOKEN_USE_CLAIM,
+        "preferred_username",
+    }
     assert jwt.get_unverified_header(doc["token"]) == {
         "alg": "ES256",
         "kid": jwt.get_unverified_header(doc["token"])["kid"],
