@@ -73,7 +73,7 @@ $(STAMP_MIN): pyproject.toml constraints-min.txt
 	# The build requirements and the pinned stub generator too: tests build
 	# the wheel without isolation and compare stubs with protoc's.
 	$(VENV_MIN)/bin/python -m pip install --quiet 'setuptools>=77' wheel
-	$(VENV_MIN)/bin/python -m pip install --quiet -c constraints-min.txt -e '.[test]' \
+	$(VENV_MIN)/bin/python -m pip install --quiet -c constraints-min.txt -e '.[test,redis]' \
 		grpcio-tools==1.85.1
 	touch $(STAMP_MIN)
 
