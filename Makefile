@@ -67,7 +67,7 @@ test: $(STAMP)
 VENV_MIN  := .venv-min
 STAMP_MIN := $(VENV_MIN)/.installed
 
-$(STAMP_MIN): pyproject.toml constraints-min.txt
+$(STAMP_MIN): pyproject.toml constraints-min.txt Makefile
 	$(PYTHON) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
 	# The build requirements and the pinned stub generator too: tests build
