@@ -70,11 +70,10 @@ STAMP_MIN := $(VENV_MIN)/.installed
 $(STAMP_MIN): pyproject.toml constraints-min.txt Makefile
 	$(PYTHON) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
-	# The build requirements and the pinned stub generator too: tests build
-	# the wheel without isolation and compare stubs with protoc's.
+	# The build requirements too (tests build the wheel without isolation),
+	# and the dev extras: the tests run mypy, hadolint and protoc as well.
 	$(VENV_MIN)/bin/python -m pip install --quiet 'setuptools>=77' wheel
-	$(VENV_MIN)/bin/python -m pip install --quiet -c constraints-min.txt -e '.[test,redis]' \
-		grpcio-tools==1.85.1
+	$(VENV_MIN)/bin/python -m pip install --quiet -c constraints-min.txt -e '.[dev]'
 	touch $(STAMP_MIN)
 
 test-min: $(STAMP_MIN)

@@ -313,9 +313,11 @@ def _bearer_of(request: web.Request) -> str:
     # gRPC metadata may repeat an identical value, HTTP/1.1 requests may not.
     if len(values) > 1:
         raise ProofError("header_duplicate", 401)
+    # A field value excludes surrounding whitespace (RFC 9110 5.5); newer
+    # aiohttp strips it, older versions hand it over.
     try:
         return extract_bearer(
-            [("authorization", v) for v in values], max_token_bytes=_MAX_BEARER_CHARS
+            [("authorization", v.strip(" \t")) for v in values], max_token_bytes=_MAX_BEARER_CHARS
         )
     except TokenRejectedError as exc:
         raise ProofError(f"header_{exc.reason}", 401) from None
