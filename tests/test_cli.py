@@ -9,72 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.cliproc import CLI, CliServer, run_cli
 
-CLI = [sys.executable, "-m", "ambient_grpc_auth"]
 SERVICE_TOKEN = "cli-test-service-token-0123456789"  # noqa: S105 (test value)
-
-
-def _run(
-    args: list[str], env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        CLI + args, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-class _Server:
-    """A CLI server process; waits for its 'listening on' line."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            CLI + args,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self._first_line(timeout=60)
-        assert "listening on" in line, line
-        self.address = line.rsplit(" ", 1)[1]
-
-    def _first_line(self, timeout: float) -> str:
-        result: list[str] = []
-        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()))  # type: ignore[union-attr]
-        reader.start()
-        reader.join(timeout)
-        if not result or not result[0]:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-            raise AssertionError(f"server did not start: {err[-2000:]}")
-        return result[0].strip()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(5)
-            for stream in (self.proc.stdout, self.proc.stderr):
-                if stream is not None:
-                    stream.close()
 
 
 @pytest.fixture(scope="module")
 def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("cli") / "keys"
-    result = _run(["keygen", "--dir", str(directory)])
+    result = run_cli(["keygen", "--dir", str(directory)])
     assert result.returncode == 0, result.stderr
     assert "signing key" in result.stdout
     for name in ("private.pem", "public.pem", "signing.pem"):
@@ -83,17 +32,17 @@ def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def token_server(keys_dir: Path) -> Iterator[_Server]:
-    server = _Server(
+def token_server(keys_dir: Path) -> Iterator[CliServer]:
+    server = CliServer(
         ["token-server", "--keys", str(keys_dir), "--listen", "127.0.0.1:0", "--ttl", "60"]
     )
     yield server
-    assert server.stop() == 0
+    assert server.stop()[0] == 0
 
 
 def test_keygen_is_idempotent_and_prints_secret(keys_dir: Path) -> None:
     before = (keys_dir / "private.pem").read_bytes()
-    again = _run(["keygen", "--dir", str(keys_dir), "--k8s-secret", "--namespace", "ambient"])
+    again = run_cli(["keygen", "--dir", str(keys_dir), "--k8s-secret", "--namespace", "ambient"])
     assert again.returncode == 0, again.stderr
     assert (keys_dir / "private.pem").read_bytes() == before
     assert "name: ambient-cp-token-keypair" in again.stdout
@@ -103,7 +52,7 @@ def test_keygen_is_idempotent_and_prints_secret(keys_dir: Path) -> None:
 
 
 def test_push_and_watch_across_session_server_restart(
-    keys_dir: Path, token_server: _Server, tmp_path: Path
+    keys_dir: Path, token_server: CliServer, tmp_path: Path
 ) -> None:
     cp_url = token_server.address
     token_file = tmp_path / "service.token"
@@ -120,14 +69,14 @@ def test_push_and_watch_across_session_server_restart(
         "--service-token-file",
         str(token_file),
     ]
-    server = _Server([*server_args, "--listen", "127.0.0.1:0"])
+    server = CliServer([*server_args, "--listen", "127.0.0.1:0"])
     address = server.address
     base_env = {
         k: v for k, v in os.environ.items() if not k.startswith(("AMBIENT_", "BOT_", "SESSION_"))
     }
     base_env["AMBIENT_GRPC_URL"] = address
     try:
-        created = _run(
+        created = run_cli(
             ["create-session", "--name", "cli"], {**base_env, "BOT_TOKEN": SERVICE_TOKEN}
         )
         assert created.returncode == 0, created.stderr
@@ -139,7 +88,7 @@ def test_push_and_watch_across_session_server_restart(
             "AMBIENT_CP_TOKEN_PUBLIC_KEY": (keys_dir / "public.pem").read_text(),
             "SESSION_ID": session_id,
         }
-        token = _run(["fetch-token", "--json"], runner_env)
+        token = run_cli(["fetch-token", "--json"], runner_env)
         assert token.returncode == 0, token.stderr
         info = json.loads(token.stdout)
         assert info["session_scope"] == session_id
@@ -149,7 +98,7 @@ def test_push_and_watch_across_session_server_restart(
 
         def push(payload: str) -> subprocess.CompletedProcess[str]:
             argv = ["push", "--session", session_id, "--event-type", "assistant"]
-            return _run([*argv, "--payload", payload], runner_env)
+            return run_cli([*argv, "--payload", payload], runner_env)
 
         watcher = subprocess.Popen(
             [*CLI, "watch", "--session", session_id, "--count", "6", "--json"],
@@ -163,8 +112,8 @@ def test_push_and_watch_across_session_server_restart(
             assert pushed.returncode == 0, pushed.stderr
             assert json.loads(pushed.stdout)["seq"] == i + 1
 
-        assert server.stop() == 0  # SIGTERM: graceful, exit 0
-        server = _Server([*server_args, "--listen", address])
+        assert server.stop()[0] == 0  # SIGTERM: graceful, exit 0
+        server = CliServer([*server_args, "--listen", address])
         for i in range(3, 6):
             pushed = push(f"m{i}")
             assert pushed.returncode == 0, pushed.stderr
@@ -177,11 +126,11 @@ def test_push_and_watch_across_session_server_restart(
         assert all(set(m) >= {"seq", "event_type", "payload", "created_at"} for m in messages)
 
         # A runner may not push into a session it was not issued a token for.
-        other = _run(
+        other = run_cli(
             ["create-session", "--name", "other"], {**base_env, "BOT_TOKEN": SERVICE_TOKEN}
         )
         other_id = json.loads(other.stdout)["id"]
-        hop = _run(
+        hop = run_cli(
             ["push", "--session", other_id, "--event-type", "a", "--payload", "b"], runner_env
         )
         assert hop.returncode == 1
@@ -189,7 +138,7 @@ def test_push_and_watch_across_session_server_restart(
         assert "PERMISSION_DENIED" in hop.stderr
 
         # No token at all: UNAUTHENTICATED, one line, exit 1.
-        anon = _run(
+        anon = run_cli(
             ["push", "--session", session_id, "--event-type", "a", "--payload", "b"],
             {**base_env, "BOT_TOKEN": "not-a-valid-token"},
         )
@@ -212,7 +161,7 @@ def test_push_and_watch_across_session_server_restart(
     ],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
-    result = _run(args)
+    result = run_cli(args)
     assert result.returncode == 2
     assert "usage:" in result.stderr
 
@@ -227,7 +176,7 @@ def test_every_subcommand_has_help() -> None:
         "watch",
         "fetch-token",
     ):
-        result = _run([command, "--help"])
+        result = run_cli([command, "--help"])
         assert result.returncode == 0, command
         assert "usage:" in result.stdout
 
@@ -241,7 +190,7 @@ def test_unreachable_token_endpoint_is_one_clear_line(keys_dir: Path) -> None:
         "SESSION_ID": "session-unreachable-1",
     }
     started = time.monotonic()
-    result = _run(["fetch-token"], env)
+    result = run_cli(["fetch-token"], env)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -255,7 +204,7 @@ def test_unreachable_session_server_is_one_clear_line() -> None:
         "AMBIENT_GRPC_URL": "127.0.0.1:1",
         "BOT_TOKEN": SERVICE_TOKEN,
     }
-    result = _run(
+    result = run_cli(
         [
             "push",
             "--session",
@@ -277,7 +226,7 @@ def test_unreachable_session_server_is_one_clear_line() -> None:
 
 
 def test_missing_keys_without_generation_fails_cleanly(tmp_path: Path) -> None:
-    result = _run(
+    result = run_cli(
         [
             "token-server",
             "--keys",
@@ -294,7 +243,7 @@ def test_missing_keys_without_generation_fails_cleanly(tmp_path: Path) -> None:
 def test_aio_session_server_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     token_file = tmp_path / "service.token"
     token_file.write_text(SERVICE_TOKEN)
-    server = _Server(
+    server = CliServer(
         [
             "session-server",
             "--aio",
@@ -312,12 +261,12 @@ def test_aio_session_server_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             "AMBIENT_GRPC_URL": server.address,
             "BOT_TOKEN": SERVICE_TOKEN,
         }
-        created = _run(["create-session", "--name", "aio"], env)
+        created = run_cli(["create-session", "--name", "aio"], env)
         assert created.returncode == 0, created.stderr
         sid = json.loads(created.stdout)["id"]
-        pushed = _run(["push", "--session", sid, "--event-type", "a", "--payload", "b"], env)
+        pushed = run_cli(["push", "--session", sid, "--event-type", "a", "--payload", "b"], env)
         assert pushed.returncode == 0, pushed.stderr
-        watched = _run(["watch", "--session", sid, "--count", "1", "--json"], env)
+        watched = run_cli(["watch", "--session", sid, "--count", "1", "--json"], env)
         assert json.loads(watched.stdout)["payload"] == "b"
     finally:
-        assert server.stop() == 0
+        assert server.stop()[0] == 0
