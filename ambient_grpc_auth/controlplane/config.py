@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.controlplane.issuers import (
@@ -113,8 +113,9 @@ class TokenServerConfig:
     replay_store: ReplayStore | None = None
     #: Shorthand for a :class:`~ambient_grpc_auth.controlplane.replay.RedisReplayStore`
     #: on this URL (``redis://host:6379/0``), shared by replicas; not with
-    #: ``replay_store``. Needs the ``redis`` extra.
-    replay_redis_url: str | None = None
+    #: ``replay_store``. Needs the ``redis`` extra. Left out of the repr: the
+    #: URL may carry the Redis password.
+    replay_redis_url: str | None = field(default=None, repr=False)
     #: Prefix of the Redis store's keys (to share one Redis between deployments).
     replay_redis_prefix: str = DEFAULT_REDIS_KEY_PREFIX
     #: Connect and read timeout (seconds) of the Redis store: a slower Redis

@@ -225,3 +225,9 @@ def test_redis_store_configuration_errors() -> None:
             replay_redis_url="redis://127.0.0.1:1/0",
             replay_store=RedisReplayStore("redis://127.0.0.1:1/0"),
         )
+
+
+def test_the_redis_url_stays_out_of_the_config_repr() -> None:
+    config = TokenServerConfig(keys_dir="k", replay_redis_url="redis://:hunter2@redis:6379/0")
+    assert "hunter2" not in repr(config)
+    assert "replay_redis_url" not in repr(config)
