@@ -30,6 +30,7 @@ import fnmatch
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TypeGuard
 
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
 from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
@@ -154,7 +155,7 @@ def _as_service(principal: Principal, *, session_scope: str | None) -> Principal
     )
 
 
-def _valid_session_id(value: object) -> bool:
+def _valid_session_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and 0 < len(value) <= MAX_SESSION_ID_CHARS
 
 
@@ -241,7 +242,7 @@ def session_access(principal: Principal, session_id: object) -> Access | str:
     if not _valid_session_id(session_id):
         return "missing_session_id"
     if principal.kind is CallerKind.SERVICE:
-        if principal.session_scope is None or principal.session_scope == session_id:
+        if principal.may_access_session(session_id):
             return Access.ALLOW
         return "out_of_scope"
     return Access.NEEDS_OWNER
