@@ -218,28 +218,43 @@ class TokenHttpProtocol(web.RequestHandler):
     """aiohttp's request handler with fixed error responses, quiet error logs
     and a deadline for each request head (see the module docstring)."""
 
-    __slots__ = ("__weakref__", "_ag_deadline", "_ag_in_request", "_ag_listener", "_ag_served")
+    __slots__ = (
+        "__weakref__",
+        "_ag_deadline",
+        "_ag_in_request",
+        "_ag_listener",
+        "_ag_served",
+        "_ag_timer",
+    )
 
     def __init__(self, manager: web.Server, *, listener: Listener, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._ag_listener = listener
-        self._ag_deadline: asyncio.TimerHandle | None = None
+        # One timer per connection, moved lazily: re-arming only sets
+        # ``_ag_deadline``; a timer that fires early re-schedules itself for
+        # it. This keeps a timer-heap insertion and cancellation off every
+        # kept-alive request.
+        self._ag_timer: asyncio.TimerHandle | None = None
+        self._ag_deadline = 0.0
         self._ag_in_request = False
         self._ag_served = 0
 
     # -- the request-head deadline
 
     def _ag_arm(self) -> None:
-        if self._ag_deadline is not None:
-            self._ag_deadline.cancel()
-        self._ag_deadline = asyncio.get_running_loop().call_later(
-            self._ag_listener.header_timeout, self._ag_expire
-        )
+        loop = asyncio.get_running_loop()
+        self._ag_deadline = loop.time() + self._ag_listener.header_timeout
+        if self._ag_timer is None:
+            self._ag_timer = loop.call_at(self._ag_deadline, self._ag_expire)
 
     def _ag_expire(self) -> None:
-        self._ag_deadline = None
+        self._ag_timer = None
         if self._ag_in_request:
             return  # re-armed when the response is done
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._ag_deadline:  # re-armed since this timer was set
+            self._ag_timer = loop.call_at(self._ag_deadline, self._ag_expire)
+            return
         if self._ag_served == 0:
             self._ag_listener.log.log(
                 logging.INFO,
@@ -258,9 +273,9 @@ class TokenHttpProtocol(web.RequestHandler):
         self._ag_arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._ag_deadline is not None:
-            self._ag_deadline.cancel()
-            self._ag_deadline = None
+        if self._ag_timer is not None:
+            self._ag_timer.cancel()
+            self._ag_timer = None
         self._ag_listener.closed(self)
         super().connection_lost(exc)
 

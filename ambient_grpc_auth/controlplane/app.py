@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -133,7 +134,11 @@ class State:
         self.private_key: rsa.RSAPrivateKey = keys.private_key
         workers = config.max_concurrent_decrypts or os.cpu_count() or 1
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ambient-token")
-        self.semaphore = asyncio.Semaphore(workers)
+        # The pool runs ``workers`` decryptions at once; one more per worker
+        # waits in its queue, so that a worker finishing a proof starts the
+        # next at once instead of idling until the event loop hands one over.
+        # Requests beyond that wait here, where a timeout still withdraws them.
+        self.semaphore = asyncio.Semaphore(2 * workers)
         self.pending = 0
         self.max_pending = config.max_pending_requests
         self.request_timeout = config.request_timeout
@@ -401,13 +406,15 @@ async def _handle_token(request: web.Request) -> web.StreamResponse:
         )
         return _text(500, "internal error")
     counters.add("issued")
+    answer = issued.to_json()
     _log.info(
-        "issued token for session %r (proof %s, expires %s)",
-        sid,
-        version,
-        issued.to_json()["expires_at"],
+        "issued token for session %r (proof %s, expires %s)", sid, version, answer["expires_at"]
     )
-    return web.json_response(issued.to_json(), headers={"Cache-Control": "no-store"})
+    return web.Response(
+        body=json.dumps(answer, separators=(",", ":")).encode("ascii"),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 async def _handle_token_timed(request: web.Request) -> web.StreamResponse:

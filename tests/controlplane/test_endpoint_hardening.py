@@ -184,6 +184,28 @@ async def test_idle_and_slow_connections_are_closed_after_the_header_timeout(
         kept[1].close()
 
 
+async def test_a_busy_kept_alive_connection_outlives_the_header_timeout(tmp_path: Path) -> None:
+    # The deadline moves with every response: a connection whose requests
+    # come faster than the timeout stays open well past it, and is closed
+    # one timeout after its last response.
+    keys = copy_keys(tmp_path / "keys", encryption_key_bits=2048)
+    config = TokenServerConfig(keys_dir=keys, header_timeout=0.4)
+    async with serving(config) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        start = time.monotonic()
+        for _ in range(6):
+            await asyncio.sleep(0.25)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: cp\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+        assert time.monotonic() - start > 1.2  # three times the timeout
+        last = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.3 <= time.monotonic() - last < 3
+        writer.close()
+
+
 async def test_a_slow_handler_is_not_cut_off_by_the_header_timeout(tmp_path: Path) -> None:
     keys = copy_keys(tmp_path / "keys", encryption_key_bits=2048)
     proof = _proof(keys)

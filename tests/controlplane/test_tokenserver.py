@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ from ambient_grpc_auth.controlplane.keys import (
 )
 from ambient_grpc_auth.controlplane.oidc_issuer import OidcClientCredentialsIssuer, OidcSettings
 from ambient_grpc_auth.controlplane.server import create_app
+from ambient_grpc_auth.controlplane.signing import SigningKey, SigningKeySet, generate_signing_key
 from ambient_grpc_auth.errors import ConfigurationError, TokenRejectedError
 from ambient_grpc_auth.jwk import parse_jwks
 from ambient_grpc_auth.proof import encrypt_v1, encrypt_v2
@@ -900,6 +902,37 @@ def test_oidc_settings_validation(secret_file: Path) -> None:
 
 
 # ---------------------------------------------------------------- issuer units and surface
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    """A real pool that counts what is handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.submitted = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize(("algorithm", "off_loop"), [("ES256", 0), ("EdDSA", 0), ("RS256", 1)])
+async def test_jwt_issuer_signs_rsa_in_its_executor_and_the_rest_inline(
+    algorithm: str, off_loop: int
+) -> None:
+    # An RSA signature takes milliseconds and must not stall the event loop;
+    # ES256 and EdDSA cost less than the hop to a thread and back.
+    executor = _CountingExecutor()
+    try:
+        key = SigningKey.from_private_key(generate_signing_key(algorithm, rsa_bits=2048))
+        issuer = JwtIssuer(
+            signing_keys=SigningKeySet(current=key), issuer=ISS, audience=AUD, executor=executor
+        )
+        issued = await issuer.issue(SID)
+        assert jwt.get_unverified_header(issued.token)["alg"] == algorithm
+        assert executor.submitted == off_loop
+    finally:
+        executor.shutdown()
 
 
 async def test_jwt_issuer_units(keys_dir: Path) -> None:
