@@ -21,6 +21,7 @@ from support.client import (
     FixedSource,
     start_echo_server,
 )
+from support.waiting import async_wait_until as wait_until
 
 from ambient_grpc_auth.client.aio._unary import DirectAioUnaryUnary
 from ambient_grpc_auth.client.aio.channel import AuthenticatedChannel, create_channel
@@ -229,6 +230,25 @@ async def test_cancel_before_and_during_the_call(server: EchoServer, route: str)
         assert call.cancelled()
         # The channel still works afterwards.
         assert (await stub.Echo(R(text="d"))).caller.startswith("Bearer tok-")
+    finally:
+        await channel.close()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_cancelling_the_awaiting_task_cancels_the_rpc(route: str) -> None:
+    nobody = start_echo_server()
+    nobody.stop()  # wait_for_ready keeps the call pending until cancelled
+    channel, stub = _open(nobody, _source(route), route)
+    try:
+        call = stub.Echo(R(text="w"), timeout=30.0, wait_for_ready=True)
+        waiter = asyncio.ensure_future(call)
+        await asyncio.sleep(0.1)
+        assert not waiter.done()
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await wait_until(call.done)
+        assert call.cancelled()
     finally:
         await channel.close()
 

@@ -163,7 +163,25 @@ class _DirectCall(grpc.aio.UnaryUnaryCall):  # type: ignore[type-arg]
     # --- awaiting the response -------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, Any]:
+        if self._final is None and self._starting is None:
+            return self._first_response().__await__()
         return self._response().__await__()
+
+    async def _first_response(self) -> Any:
+        # The common case, kept short: the first attempt went out with a token
+        # at hand and nothing has asked for the outcome yet. Only an
+        # UNAUTHENTICATED answer needs the retry flow, which then starts from
+        # that finished attempt exactly as :meth:`_settle` would.
+        call = self._call
+        try:
+            return await call
+        except grpc.aio.AioRpcError as err:
+            if err.code() is not grpc.StatusCode.UNAUTHENTICATED:
+                raise
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        return await self._response()
 
     async def _response(self) -> Any:
         call = await self._settled()
