@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -73,6 +74,8 @@ from ambient_grpc_auth.server.metrics import MetricsServer, PrometheusMetrics, s
 __all__ = ["main"]
 
 PROG = "ambient-grpc-auth"
+#: Longest Redis URL read from --replay-redis-url-file.
+_MAX_URL_FILE_CHARS = 4096
 _log = logging.getLogger(__name__)
 
 
@@ -262,7 +265,7 @@ def _cmd_token_server(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         header_timeout=args.header_timeout,
         signing_algorithm=args.signing_alg,
-        replay_redis_url=args.replay_redis_url,
+        replay_redis_url=_replay_redis_url(args),
         replay_redis_timeout=args.replay_redis_timeout,
     )
 
@@ -362,6 +365,30 @@ def _key_source(source: str, metrics: PrometheusMetrics | None = None) -> KeySou
     if head.startswith(b"{"):
         return StaticKeySet.from_jwks_file(source)
     return StaticKeySet.from_pem_files([source])
+
+
+def _replay_redis_url(args: argparse.Namespace) -> str | None:
+    """The Redis URL from ``--replay-redis-url`` or ``--replay-redis-url-file``
+    (a mounted Secret: the password stays out of the process list)."""
+    if args.replay_redis_url_file is None:
+        url: str | None = args.replay_redis_url
+        if url is not None and urllib.parse.urlsplit(url).password:
+            print(
+                f"{PROG}: warning: the Redis password in --replay-redis-url is visible to "
+                "anyone who can list processes; use --replay-redis-url-file",
+                file=sys.stderr,
+            )
+        return url
+    if args.replay_redis_url is not None:
+        _fail("use --replay-redis-url or --replay-redis-url-file, not both")
+    try:
+        with open(args.replay_redis_url_file, encoding="utf-8") as fh:
+            url = fh.read(_MAX_URL_FILE_CHARS + 1).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read --replay-redis-url-file: {getattr(exc, 'strerror', None) or exc}")
+    if not url or len(url) > _MAX_URL_FILE_CHARS or any(c.isspace() for c in url):
+        _fail("--replay-redis-url-file must hold one Redis URL")
+    return url
 
 
 def _server_auth_config(
@@ -996,6 +1023,11 @@ def _parser() -> argparse.ArgumentParser:
         help="algorithm of issued tokens; a signing key of another type is rotated",
     )
     p.add_argument("--replay-redis-url", help="share v2 replay protection via Redis (replicas)")
+    p.add_argument(
+        "--replay-redis-url-file",
+        metavar="FILE",
+        help="read the Redis URL from FILE (keeps a password out of the process list)",
+    )
     p.add_argument(
         "--replay-redis-timeout", type=_positive_float, default=0.5, help="Redis timeout, s"
     )

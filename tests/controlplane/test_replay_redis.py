@@ -29,6 +29,7 @@ except ImportError:
     if os.environ.get("CI"):
         raise
     pytest.skip("needs the redis package (pip install -e '.[dev]')", allow_module_level=True)
+from support.cliproc import run_cli
 from support.cp import copy_keys, get, public_pem, serving
 from support.redis_server import RedisServer, redis_server, require_redis
 
@@ -57,7 +58,14 @@ def keys_dir(tmp_path: Path) -> Path:
 class _Replica:
     """A ``token-server`` CLI process; its log goes to a file (never a full pipe)."""
 
-    def __init__(self, keys_dir: Path, redis_url: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        keys_dir: Path,
+        redis_url: str,
+        log_path: Path,
+        *,
+        url_flag: str = "--replay-redis-url",
+    ) -> None:
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -71,7 +79,7 @@ class _Replica:
                 "--no-generate",
                 "--listen",
                 "127.0.0.1:0",
-                "--replay-redis-url",
+                url_flag,
                 redis_url,
             ],
             stdout=subprocess.PIPE,
@@ -231,3 +239,70 @@ def test_the_redis_url_stays_out_of_the_config_repr() -> None:
     config = TokenServerConfig(keys_dir="k", replay_redis_url="redis://:hunter2@redis:6379/0")
     assert "hunter2" not in repr(config)
     assert "replay_redis_url" not in repr(config)
+
+
+@pytest.fixture
+def locked_redis() -> Iterator[RedisServer]:
+    yield from redis_server(password="s3cret-replay-pw")
+
+
+async def test_a_url_file_keeps_the_redis_password_out_of_the_process_list(
+    keys_dir: Path, locked_redis: RedisServer, tmp_path: Path
+) -> None:
+    password = locked_redis.password
+    assert password is not None
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(locked_redis.url + "\n")
+    replica = _Replica(
+        keys_dir,
+        str(url_file),
+        tmp_path / "replica.log",
+        url_flag="--replay-redis-url-file",
+    )
+    try:
+        url = await asyncio.to_thread(replica.url)
+        cmdline = Path(f"/proc/{replica.proc.pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline
+        proof = encrypt_v2(load_public_key(public_pem(keys_dir)), SID, now=time.time())
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            # Accepted once through the password-protected Redis, then refused.
+            assert (await get(http, url, proof))[0] == 200
+            assert (await get(http, url, proof))[0] == 401
+    finally:
+        replica.stop()
+    assert password not in replica.log_path.read_text()
+
+
+def test_a_password_on_the_command_line_is_warned_about(keys_dir: Path, tmp_path: Path) -> None:
+    url = "redis://:hunter2@127.0.0.1:1/0"
+    missing = tmp_path / "no-keys"  # the start fails after the warning was written
+    done = run_cli(
+        ["token-server", "--keys", str(missing), "--no-generate", "--replay-redis-url", url]
+    )
+    assert done.returncode != 0
+    assert "visible to anyone who can list processes" in done.stderr
+    assert "--replay-redis-url-file" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        (None, [], "cannot read --replay-redis-url-file"),
+        ("", [], "must hold one Redis URL"),
+        ("redis://a:1/0 redis://b:1/0", [], "must hold one Redis URL"),
+        ("redis://127.0.0.1:1/0", ["--replay-redis-url", "redis://x:1/0"], "not both"),
+    ],
+)
+def test_bad_redis_url_files_are_refused_clearly(
+    keys_dir: Path, tmp_path: Path, content: str | None, extra: list[str], message: str
+) -> None:
+    url_file = tmp_path / "redis-url"
+    if content is not None:
+        url_file.write_text(content)
+    done = run_cli(
+        ["token-server", "--keys", str(keys_dir), "--replay-redis-url-file", str(url_file), *extra]
+    )
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

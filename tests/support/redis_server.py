@@ -49,15 +49,17 @@ def _free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1:``port``."""
 
-    def __init__(self, executable: str) -> None:
+    def __init__(self, executable: str, password: str | None = None) -> None:
         self._executable = executable
         self._dir = tempfile.mkdtemp(prefix="agauth-redis-")
         self.port = _free_port()
+        self.password = password
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = "" if self.password is None else f":{self.password}@"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
@@ -73,6 +75,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self._dir,
+                *(() if self.password is None else ("--requirepass", self.password)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -84,6 +87,10 @@ class RedisServer:
             raise AssertionError("redis-server exited")
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                if self.password is not None:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not s.recv(16).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
@@ -116,9 +123,10 @@ class RedisServer:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def redis_server() -> Iterator[RedisServer]:
-    """Fixture body: a started server, stopped and removed afterwards."""
-    server = RedisServer(require_redis())
+def redis_server(password: str | None = None) -> Iterator[RedisServer]:
+    """Fixture body: a started server (requiring ``password``, if given),
+    stopped and removed afterwards."""
+    server = RedisServer(require_redis(), password)
     try:
         server.start()
         yield server
