@@ -69,7 +69,7 @@ class BenchCounts:
     """How much work each scenario does per round.
 
     Each round streams ``stream_batches`` x ``stream_messages`` messages per
-    variant (full mode: 5 interleaved streams of 10,000, i.e. 50,000).
+    variant (full mode: 10 interleaved streams of 5,000, i.e. 50,000).
     ``stream_rounds`` and ``stampede_rounds`` limit those scenarios to the
     first rounds (None: every round): streaming 50,000 messages takes seconds,
     and the stampede's fetch count does not get more precise by repetition.
@@ -107,13 +107,13 @@ FULL = BenchCounts(
     warmup=100,
     aio_batches=20,
     aio_batch=50,
-    concurrent_batches=3,
-    concurrent_calls=1000,
-    stream_messages=10_000,
-    stream_batches=5,
+    concurrent_batches=6,
+    concurrent_calls=500,
+    stream_messages=5_000,
+    stream_batches=10,
     stream_rounds=3,
     stampede_rounds=3,
-    token_batches=4,
+    token_batches=6,
     token_batch=50,
     token_in_process=True,
     cache_iterations=100_000,
@@ -150,7 +150,7 @@ def _check_auth_is_active(ports: dict[str, int], token: str) -> None:
     request = echo_pb2.EchoRequest(session_id=SESSION_ID, text="probe")
     foreign = echo_pb2.EchoRequest(session_id="session-of-someone-else", text="probe")
     header = (("authorization", "Bearer " + token),)
-    for name in ("ours", "naive"):
+    for name in ("ours", "naive", "stampede"):
         with grpc.insecure_channel(f"127.0.0.1:{ports[name]}") as channel:
             method = echo_pb2_grpc.EchoServiceStub(channel).Echo  # type: ignore[no-untyped-call]
             for req, metadata, expected in (
@@ -164,7 +164,7 @@ def _check_auth_is_active(ports: dict[str, int], token: str) -> None:
                         continue
                 raise RuntimeError(f"bench: the {name} server does not enforce authentication")
             reply = method(request, timeout=CALL_TIMEOUT, metadata=header)
-            if name == "ours" and reply.caller != OWNER:
+            if name != "naive" and reply.caller != OWNER:
                 raise RuntimeError("bench: our server did not expose the caller to the handler")
 
 
@@ -256,10 +256,11 @@ def run(
 
             def aio(index: int) -> None:
                 meter = CpuMeter(children[1])
-                samples, throughput = asyncio.run(
+                samples, throughput, per_batch = asyncio.run(
                     aio_round(
                         ports,
                         source,
+                        token,
                         batches=chosen.aio_batches,
                         batch_size=chosen.aio_batch,
                         warmup=chosen.warmup,
@@ -273,12 +274,13 @@ def run(
                 res.cpu_aio.append(meter.per_unit_us())
                 res.aio_latency.append({n: latency_stats(s) for n, s in samples.items()})
                 res.aio_throughput.append(throughput)
+                res.aio_throughput_batches.extend(per_batch)
 
             def stream(index: int) -> None:
                 if chosen.stream_rounds is not None and index >= chosen.stream_rounds:
                     return
                 meter = CpuMeter(children[0])
-                rates = stream_round(
+                rates, per_batch = stream_round(
                     streams,
                     count=chosen.stream_messages,
                     batches=chosen.stream_batches,
@@ -286,28 +288,33 @@ def run(
                     meter=meter,
                 )
                 res.stream.append({f"stream_{n}": v for n, v in rates.items()})
+                res.stream_batches.extend(
+                    {f"stream_{n}": v for n, v in batch.items()} for batch in per_batch
+                )
                 res.cpu_stream.append(meter.per_unit_us())
 
             def stampede(index: int) -> None:
                 if chosen.stampede_rounds is not None and index >= chosen.stampede_rounds:
                     return
                 calls, delay = chosen.stampede_calls, chosen.fetch_delay
-                sync_result = stampede_sync(ports["ours"], token, calls=calls, fetch_delay=delay)
+                sync_result = stampede_sync(
+                    ports["stampede"], token, calls=calls, fetch_delay=delay
+                )
                 aio_result = asyncio.run(
-                    stampede_aio(ports["aio_ours"], token, calls=calls, fetch_delay=delay)
+                    stampede_aio(ports["aio_stampede"], token, calls=calls, fetch_delay=delay)
                 )
                 res.stampede_sync.append(dataclasses.asdict(sync_result))
                 res.stampede_aio.append(dataclasses.asdict(aio_result))
 
             def token_endpoint(index: int) -> None:
-                res.token.append(
-                    token_bench.round(
-                        batches=chosen.token_batches,
-                        batch_size=chosen.token_batch,
-                        round_index=index,
-                        in_process=chosen.token_in_process,
-                    )
+                rates, per_batch = token_bench.round(
+                    batches=chosen.token_batches,
+                    batch_size=chosen.token_batch,
+                    round_index=index,
+                    in_process=chosen.token_in_process,
                 )
+                res.token.append(rates)
+                res.token_batches.extend(per_batch)
 
             def cache(index: int) -> None:
                 res.cache_hit.append(
@@ -335,6 +342,7 @@ def run(
             rss = cache_rss(chosen.cache_rss_tokens)
             phases["setup"] = setup_seconds
             phases["cache memory"] = round(time.perf_counter() - rss_started, 1)
+            res.token_cpu = token_bench.cpu_us_per_request()
         finally:
             if clients is not None:
                 clients.close()

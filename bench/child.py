@@ -15,6 +15,8 @@ document per line) and exit when their stdin closes.
   ``{"elapsed", "statuses"}`` per line.
 - ``cache-rss N``: fills a fresh verified-token cache with N distinct tokens
   and reports the resident memory growth.
+- ``serve-one MODE VARIANT SPEC`` / ``call-many MODE VARIANT PORT TOKEN N``:
+  one server, or one client making N calls, for :mod:`bench.instructions`.
 
 Not part of the library's API.
 """
@@ -28,8 +30,11 @@ import json
 import os
 import resource
 import secrets
+import selectors
+import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from concurrent import futures
 from types import MappingProxyType
@@ -56,8 +61,9 @@ from bench.fixtures import (
     NoopServerInterceptor,
     ours_config,
 )
+from bench.instructions import call_many
 
-__all__ = ["cache_rss", "http_load", "main", "rss_kib"]
+__all__ = ["cache_rss", "http_load", "main", "response_status", "rss_kib"]
 
 _LOOPBACK = "127.0.0.1:0"
 _LOCAL_TCP = grpc.LocalConnectionType.LOCAL_TCP
@@ -115,6 +121,10 @@ def _serve_sync(spec: dict[str, Any]) -> None:
         "noop": ([NoopServerInterceptor()], False),
         "bare_local": ([], True),
         "ours_local": (ours(), True),
+        # The stampede's 1,000 concurrent calls leave a sync gRPC server
+        # slower for a while (a no-op server too): it gets a server of its
+        # own, so that it does not weigh on the variants measured after it.
+        "stampede": (ours(), False),
     }
     servers: list[grpc.Server] = []
     ports: dict[str, int] = {}
@@ -131,11 +141,15 @@ def _serve_sync(spec: dict[str, Any]) -> None:
 
 async def _serve_aio(spec: dict[str, Any]) -> None:
     pem, owners = spec["public_pem"], spec["owners"]
-    interceptor = AioServerAuthInterceptor(config=ours_config(pem, owners, inline_lookup=True))
+
+    def ours() -> list[grpc.aio.ServerInterceptor]:
+        return [AioServerAuthInterceptor(config=ours_config(pem, owners, inline_lookup=True))]
+
     plan: dict[str, list[grpc.aio.ServerInterceptor]] = {
         "aio_bare": [],
-        "aio_ours": [interceptor],
+        "aio_ours": ours(),
         "aio_noop": [AioNoopServerInterceptor()],
+        "aio_stampede": ours(),  # as "stampede" above
     }
     servers: list[grpc.aio.Server] = []
     ports: dict[str, int] = {}
@@ -153,51 +167,145 @@ async def _serve_aio(spec: dict[str, Any]) -> None:
             await server.stop(grace=1.0)
 
 
+def _serve_one(mode: str, variant: str, spec: dict[str, Any]) -> None:
+    """One server of ``variant`` (``bare``, ``bare_header``, ``noop``,
+    ``ours``) for :mod:`bench.instructions`: prints ``{"port": N}``, serves
+    until stdin closes."""
+    pem, owners = spec["public_pem"], spec["owners"]
+    if mode == "sync":
+        sync_interceptors: list[grpc.ServerInterceptor] = []
+        if variant == "noop":
+            sync_interceptors = [NoopServerInterceptor()]
+        elif variant == "ours":
+            sync_interceptors = [
+                ServerAuthInterceptor(config=ours_config(pem, owners, inline_lookup=False))
+            ]
+        server, port = _sync_server(8, sync_interceptors, False)
+        _emit({"port": port})
+        sys.stdin.read()
+        server.stop(grace=1.0).wait(5.0)
+        return
+
+    async def serve() -> None:
+        aio_interceptors: list[grpc.aio.ServerInterceptor] = []
+        if variant == "noop":
+            aio_interceptors = [AioNoopServerInterceptor()]
+        elif variant == "ours":
+            aio_interceptors = [
+                AioServerAuthInterceptor(config=ours_config(pem, owners, inline_lookup=True))
+            ]
+        server = grpc.aio.server(interceptors=aio_interceptors)
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(AsyncEchoServicer(), server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port(_LOOPBACK)
+        await server.start()
+        _emit({"port": port})
+        await asyncio.to_thread(sys.stdin.read)
+        await server.stop(grace=1.0)
+
+    asyncio.run(serve())
+
+
 # --- token endpoint load ------------------------------------------------------
 
 
-async def http_load(
-    url: str, proofs: Sequence[str], concurrency: int
-) -> tuple[float, dict[str, int]]:
-    """GET ``url`` once per proof with ``concurrency`` connections; returns
-    (elapsed seconds, status counts). Connections are opened before timing."""
-    import aiohttp
+def http_load(url: str, proofs: Sequence[str], concurrency: int) -> tuple[float, dict[str, int]]:
+    """GET ``url`` once per proof over ``concurrency`` kept-alive HTTP/1.1
+    connections, one request in flight on each; returns (elapsed seconds,
+    status counts). Connections are opened and the requests' bytes built
+    before timing.
 
+    A minimal client of our own (plain sockets and a selector) rather than an
+    HTTP library: it shares the machine's cores with the server under test,
+    so every microsecond it spends per request is taken from the server's
+    throughput. It reads only what it needs (status line,
+    ``Content-Length``, body) and refuses any other framing.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    authority = f"{host}:{port}".encode("ascii")
+    path = (parts.path or "/").encode("ascii")
+
+    def request(target: bytes, proof: str | None) -> bytes:
+        auth = b"" if proof is None else b"Authorization: Bearer " + proof.encode("ascii") + b"\r\n"
+        return b"GET " + target + b" HTTP/1.1\r\nHost: " + authority + b"\r\n" + auth + b"\r\n"
+
+    health = request(path.rsplit(b"/", 1)[0] + b"/healthz", None)
+    queue = [request(path, proof) for proof in reversed(proofs)]
     statuses: dict[str, int] = {}
-    timeout = aiohttp.ClientTimeout(total=60)
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        health = url.rsplit("/", 1)[0] + "/healthz"
-
-        async def warm() -> None:
-            async with session.get(health) as response:
-                await response.read()
-
-        await asyncio.gather(*(warm() for _ in range(concurrency)))
-        queue = list(reversed(proofs))
-
-        async def worker() -> None:
-            while queue:
-                proof = queue.pop()
-                headers = {"Authorization": "Bearer " + proof}
-                async with session.get(url, headers=headers) as response:
-                    await response.read()
-                    key = str(response.status)
-                    statuses[key] = statuses.get(key, 0) + 1
-
+    deadline = time.monotonic() + 60.0
+    connections = [socket.create_connection((host, port), timeout=10.0) for _ in range(concurrency)]
+    selector = selectors.DefaultSelector()
+    try:
+        for conn in connections:
+            conn.sendall(health)
+            buffer = bytearray()
+            while response_status(buffer) is None:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    raise RuntimeError("http-load: the server closed a connection")
+                buffer += chunk
+            conn.setblocking(False)
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        for conn in connections:
+            if queue:
+                conn.sendall(queue.pop())  # a few hundred bytes: the socket buffer takes them
+                selector.register(conn, selectors.EVENT_READ, bytearray())
+        while selector.get_map():
+            if time.monotonic() > deadline:
+                raise RuntimeError("http-load: no answer within 60 s")
+            for key, _ in selector.select(1.0):
+                ready, buffer = key.fileobj, key.data
+                assert isinstance(ready, socket.socket)  # what was registered
+                chunk = ready.recv(65536)
+                if not chunk:
+                    raise RuntimeError("http-load: the server closed a connection")
+                buffer += chunk
+                status = response_status(buffer)
+                if status is None:
+                    continue
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+                buffer.clear()
+                if queue:
+                    ready.sendall(queue.pop())
+                else:
+                    selector.unregister(ready)
         elapsed = time.perf_counter() - started
+    finally:
+        selector.close()
+        for conn in connections:
+            conn.close()
     return elapsed, statuses
+
+
+def response_status(buffer: bytearray) -> int | None:
+    """The status of the one response in ``buffer`` once it is complete
+    (head and ``Content-Length`` body), else None."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    length: int | None = None
+    for line in bytes(buffer[:end]).split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            raise RuntimeError("http-load: chunked responses are not read")
+    if length is None:
+        raise RuntimeError("http-load: a response without Content-Length")
+    if len(buffer) < end + 4 + length:
+        return None
+    if len(buffer) > end + 4 + length:
+        raise RuntimeError("http-load: more bytes than one response")
+    return int(buffer[9:12])
 
 
 def _serve_http_load() -> None:
     for line in sys.stdin:
         job = json.loads(line)
-        elapsed, statuses = asyncio.run(
-            http_load(job["url"], job["proofs"], int(job["concurrency"]))
-        )
-        _emit({"elapsed": elapsed, "statuses": statuses})
+        cpu = _cpu_seconds()
+        elapsed, statuses = http_load(job["url"], job["proofs"], int(job["concurrency"]))
+        _emit({"elapsed": elapsed, "statuses": statuses, "cpu": _cpu_seconds() - cpu})
 
 
 # --- verified-token cache memory ------------------------------------------------
@@ -298,8 +406,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _serve_http_load()
     elif args[:1] == ["cache-rss"] and len(args) == 2:
         _emit(cache_rss(int(args[1])))
+    elif args[:1] == ["serve-one"] and len(args) == 4:
+        with open(args[3], encoding="utf-8") as spec:
+            _serve_one(args[1], args[2], json.load(spec))
+    elif args[:1] == ["call-many"] and len(args) == 6:
+        call_many(args[1], args[2], int(args[3]), args[4], int(args[5]))
     else:
-        sys.stderr.write("usage: serve sync|aio | http-load | cache-rss N\n")
+        sys.stderr.write(
+            "usage: serve sync|aio | http-load | cache-rss N"
+            " | serve-one MODE VARIANT SPEC | call-many MODE VARIANT PORT TOKEN N\n"
+        )
         return 2
     return 0
 

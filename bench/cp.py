@@ -39,6 +39,8 @@ __all__ = ["RSS_BUDGET_PER_ENTRY", "TokenEndpointBench", "cache_hit_us", "cache_
 #: resizing). The memory target is ``max_entries * RSS_BUDGET_PER_ENTRY``.
 RSS_BUDGET_PER_ENTRY = 5 * 1024
 
+_CPU_SIDES = ("raw", "server", "load_generator")
+
 _OAEP = padding.OAEP(
     mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
 )
@@ -71,6 +73,10 @@ class TokenEndpointBench:
         self._thread.start()
         self._server: RunningTokenServer | None = None
         self._client: ChildProcess | None = None
+        # CPU seconds (and requests) of measured batches: raw decryption and
+        # the token server (this process), the load generator (the child).
+        self._cpu = dict.fromkeys(_CPU_SIDES, 0.0)
+        self._cpu_requests = dict.fromkeys(_CPU_SIDES, 0)
         config = TokenServerConfig(
             keys=keys, max_concurrent_decrypts=workers, max_pending_requests=4 * concurrency + 16
         )
@@ -93,21 +99,30 @@ class TokenEndpointBench:
         """Seconds to RSA-OAEP-decrypt ``count`` proofs on the worker pool."""
         ciphertexts = [base64.b64decode(p) for p in self._proofs(count)]
         key = self._private_key
+        cpu = time.process_time()
         started = time.perf_counter()
         list(self._pool.map(lambda c: key.decrypt(c, _OAEP), ciphertexts))
-        return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self._cpu["raw"] += time.process_time() - cpu
+        self._cpu_requests["raw"] += count
+        return elapsed
 
     def endpoint_batch(self, count: int, *, in_process: bool = False) -> float:
         """Seconds for ``count`` GET /token requests with fresh v2 proofs,
         sent by the child process (or by this process when ``in_process``)."""
         proofs = self._proofs(count)
         if in_process:
-            elapsed, statuses = asyncio.run(http_load(self.url, proofs, self.concurrency))
+            elapsed, statuses = http_load(self.url, proofs, self.concurrency)
         else:
             assert self._client is not None
+            cpu = time.process_time()  # this process serves; the child only loads
             answer = self._client.request(
                 {"url": self.url, "proofs": proofs, "concurrency": self.concurrency}
             )
+            self._cpu["server"] += time.process_time() - cpu
+            self._cpu["load_generator"] += float(answer["cpu"])
+            self._cpu_requests["server"] += count
+            self._cpu_requests["load_generator"] += count
             elapsed, statuses = float(answer["elapsed"]), dict(answer["statuses"])
         if statuses != {"200": count}:
             raise RuntimeError(f"token endpoint answered {statuses}, expected {count} x 200")
@@ -116,23 +131,43 @@ class TokenEndpointBench:
     def warm(self, count: int) -> None:
         self.raw_batch(self.workers * 2)
         self.endpoint_batch(count)
+        self._cpu = dict.fromkeys(_CPU_SIDES, 0.0)
+        self._cpu_requests = dict.fromkeys(_CPU_SIDES, 0)
+
+    def cpu_us_per_request(self) -> dict[str, float]:
+        """Microseconds of CPU per request so far: ``raw`` (one decryption on
+        the pool), ``server`` (the whole token server, decryption included)
+        and ``load_generator`` (the client child). The two cores are shared,
+        so the endpoint's throughput is bounded by ``server`` plus
+        ``load_generator``, the raw baseline by ``raw`` alone."""
+        return {
+            side: round(self._cpu[side] / self._cpu_requests[side] * 1e6, 1)
+            for side in _CPU_SIDES
+            if self._cpu_requests[side]
+        }
 
     def round(
         self, *, batches: int, batch_size: int, round_index: int, in_process: bool
-    ) -> dict[str, float]:
-        """Requests (decrypts) per second of each side, interleaved."""
+    ) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """Requests (decrypts) per second of each side, interleaved: over the
+        round, and per batch (each side once, back to back)."""
         kinds = ["raw", "endpoint", *(["endpoint_in_process"] if in_process else [])]
         seconds = dict.fromkeys(kinds, 0.0)
+        per_batch: list[dict[str, float]] = []
         gc.collect()
         for batch in range(batches):
+            rates: dict[str, float] = {}
             for kind in rotated(kinds, round_index + batch):
                 if kind == "raw":
-                    seconds[kind] += self.raw_batch(batch_size)
+                    elapsed = self.raw_batch(batch_size)
                 else:
-                    seconds[kind] += self.endpoint_batch(
+                    elapsed = self.endpoint_batch(
                         batch_size, in_process=kind == "endpoint_in_process"
                     )
-        return {kind: batches * batch_size / seconds[kind] for kind in kinds}
+                seconds[kind] += elapsed
+                rates[kind] = batch_size / elapsed
+            per_batch.append(rates)
+        return {kind: batches * batch_size / seconds[kind] for kind in kinds}, per_batch
 
     def close(self) -> None:
         if self._client is not None:

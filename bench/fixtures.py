@@ -83,7 +83,7 @@ KID = "bench-signing-1"
 OWNER = "alice"
 SESSION_ID = "session-bench-0001"
 ECHO = "/ambient.testing.v1.EchoService/"
-#: The servicers refuse larger StreamEcho counts (the full bench sends 50,000).
+#: The servicers refuse larger StreamEcho counts (the full bench sends 5,000 per stream).
 MAX_STREAM_COUNT = 200_000
 _TOKEN_TTL = 3600
 

@@ -170,25 +170,31 @@ def stream_round(
     batches: int,
     round_index: int,
     meter: CpuMeter | None = None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Messages per second of each variant's server stream of ``count``
-    messages (one stream per variant per batch, interleaved)."""
+    messages (one stream per variant per batch, interleaved): over the round,
+    and per batch."""
     gc.collect()
     total_time = dict.fromkeys(calls, 0.0)
     total_msgs = dict.fromkeys(calls, 0)
     names = list(calls)
+    per_batch: list[dict[str, float]] = []
     for batch in range(batches):
+        rates: dict[str, float] = {}
         for name in rotated(names, round_index + batch):
             cpu = meter.begin() if meter is not None else None
             started = time.perf_counter()
             received = calls[name]()
-            total_time[name] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            total_time[name] += elapsed
             if meter is not None and cpu is not None:
                 meter.end(name, cpu, received)
             if received != count:
                 raise RuntimeError(f"stream {name}: received {received} of {count} messages")
             total_msgs[name] += received
-    return {name: total_msgs[name] / total_time[name] for name in names}
+            rates[name] = received / elapsed
+        per_batch.append(rates)
+    return {name: total_msgs[name] / total_time[name] for name in names}, per_batch
 
 
 # --- grpc.aio ---------------------------------------------------------------------
@@ -211,6 +217,7 @@ async def _pump(call: Callable[[], Awaitable[Any]], total: int, in_flight: int) 
 async def aio_round(
     ports: Mapping[str, int],
     source: TokenSource,
+    token: str,
     *,
     batches: int,
     batch_size: int,
@@ -220,10 +227,13 @@ async def aio_round(
     in_flight: int,
     round_index: int,
     meter: CpuMeter | None = None,
-) -> tuple[dict[str, list[int]], dict[str, float]]:
+) -> tuple[dict[str, list[int]], dict[str, float], list[dict[str, float]]]:
     """grpc.aio sequential latencies (ns) and concurrent throughput (calls/s)
-    for ``aio_bare``, ``aio_ours`` and ``aio_noop`` (do-nothing interceptors on
-    both sides), interleaved; CPU of the concurrent batches goes to ``meter``."""
+    for ``aio_bare``, ``aio_ours``, ``aio_noop`` (do-nothing interceptors on
+    both sides) and ``aio_bare_header`` (the bare server, with ``token``'s
+    ``authorization`` header passed by hand: the cost of the bytes alone),
+    interleaved; CPU of the concurrent batches goes to ``meter``. Throughput
+    comes over the round and per concurrent batch."""
     bare = grpc.aio.insecure_channel(_target(ports["aio_bare"]))
     ours = create_aio_channel(_target(ports["aio_ours"]), source, tls=False)
     noop = grpc.aio.insecure_channel(
@@ -236,6 +246,9 @@ async def aio_round(
             "aio_noop": echo_pb2_grpc.EchoServiceStub(noop).Echo,  # type: ignore[no-untyped-call]
         }
         calls = {name: _unary_call(method, None) for name, method in methods.items()}
+        calls["aio_bare_header"] = _unary_call(
+            methods["aio_bare"], (("authorization", "Bearer " + token),)
+        )
         names = list(calls)
         for call in calls.values():
             for _ in range(warmup):
@@ -253,15 +266,20 @@ async def aio_round(
                     out.append(clock() - started)
         gc.collect()
         elapsed = dict.fromkeys(names, 0.0)
+        per_batch: list[dict[str, float]] = []
         for batch in range(concurrent_batches):
+            rates: dict[str, float] = {}
             for name in rotated(names, round_index + batch):
                 # The blocking meter call happens between batches only.
                 cpu = meter.begin() if meter is not None else None
-                elapsed[name] += await _pump(calls[name], concurrent_calls, in_flight)
+                seconds = await _pump(calls[name], concurrent_calls, in_flight)
+                elapsed[name] += seconds
+                rates[name] = concurrent_calls / seconds
                 if meter is not None and cpu is not None:
                     meter.end(name, cpu, concurrent_calls)
+            per_batch.append(rates)
         throughput = {name: concurrent_calls * concurrent_batches / elapsed[name] for name in names}
-        return samples, throughput
+        return samples, throughput, per_batch
     finally:
         await noop.close()
         await ours.close()

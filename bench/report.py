@@ -48,9 +48,15 @@ class Results:
         self.aio_latency: list[dict[str, dict[str, float]]] = []
         self.aio_throughput: list[dict[str, float]] = []
         self.stream: list[dict[str, float]] = []
+        # Throughput per interleaved batch, all rounds together: each holds
+        # every variant, measured back to back (the headline ratios' source).
+        self.aio_throughput_batches: list[dict[str, float]] = []
+        self.stream_batches: list[dict[str, float]] = []
+        self.token_batches: list[dict[str, float]] = []
         self.stampede_sync: list[dict[str, Any]] = []
         self.stampede_aio: list[dict[str, Any]] = []
         self.token: list[dict[str, float]] = []
+        self.token_cpu: dict[str, float] = {}
         self.cache_hit: list[float] = []
         self.cpu_sync: list[dict[str, dict[str, float]]] = []
         self.cpu_aio: list[dict[str, dict[str, float]]] = []
@@ -91,9 +97,9 @@ def summarize(res: Results, rss: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     naive = median(_ratios(sync, "naive", "bare"))
     creds = median(_ratios(sync, "call_creds", "bare_local"))
     aio_p50 = median(_ratios(_p50s(res.aio_latency), "aio_ours", "aio_bare"))
-    aio_tp = median(_ratios(res.aio_throughput, "aio_ours", "aio_bare"))
-    stream = median(_ratios(res.stream, "stream_ours", "stream_bare"))
-    token = median(_ratios(res.token, "endpoint", "raw"))
+    aio_tp = median(_ratios(res.aio_throughput_batches, "aio_ours", "aio_bare"))
+    stream = median(_ratios(res.stream_batches, "stream_ours", "stream_bare"))
+    token = median(_ratios(res.token_batches, "endpoint", "raw"))
     hit = median(res.cache_hit)
     fetches_sync = max(r["fetches"] for r in res.stampede_sync)
     fetches_aio = max(r["fetches"] for r in res.stampede_aio)
@@ -105,8 +111,8 @@ def summarize(res: Results, rss: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     floor = {
         "sync_unary": median(_ratios(sync, "noop", "bare")),
         "aio_unary": median(_ratios(_p50s(res.aio_latency), "aio_noop", "aio_bare")),
-        "aio_concurrent": median(_ratios(res.aio_throughput, "aio_noop", "aio_bare")),
-        "stream": median(_ratios(res.stream, "stream_noop", "stream_bare")),
+        "aio_concurrent": median(_ratios(res.aio_throughput_batches, "aio_noop", "aio_bare")),
+        "stream": median(_ratios(res.stream_batches, "stream_noop", "stream_bare")),
     }
     ours = round(ours, 4)
     metrics = {
@@ -131,8 +137,8 @@ def summarize(res: Results, rss: dict[str, Any]) -> tuple[dict[str, Any], dict[s
         "ours_vs_noop_floor": {
             "sync_unary": median(_ratios(sync, "ours", "noop")),
             "aio_unary": median(_ratios(_p50s(res.aio_latency), "aio_ours", "aio_noop")),
-            "aio_concurrent": median(_ratios(res.aio_throughput, "aio_ours", "aio_noop")),
-            "stream": median(_ratios(res.stream, "stream_ours", "stream_noop")),
+            "aio_concurrent": median(_ratios(res.aio_throughput_batches, "aio_ours", "aio_noop")),
+            "stream": median(_ratios(res.stream_batches, "stream_ours", "stream_noop")),
         },
         "sync_unary": {
             "p50_us_median": {n: median([r[n] for r in sync]) for n in sync[0]},
@@ -147,21 +153,31 @@ def summarize(res: Results, rss: dict[str, Any]) -> tuple[dict[str, Any], dict[s
             "throughput_per_s_median": {
                 n: median([r[n] for r in res.aio_throughput]) for n in res.aio_throughput[0]
             },
+            "bare_header_p50_ratio": median(
+                _ratios(_p50s(res.aio_latency), "aio_bare_header", "aio_bare")
+            ),
+            "bare_header_throughput_ratio": median(
+                _ratios(res.aio_throughput_batches, "aio_bare_header", "aio_bare")
+            ),
             "cpu_us_per_call_concurrent": _cpu_medians(res.cpu_aio),
             "latency_per_round": res.aio_latency,
             "throughput_per_round": res.aio_throughput,
+            "throughput_per_batch": res.aio_throughput_batches,
         },
         "stream": {
             "messages_per_s_per_round": res.stream,
+            "messages_per_s_per_batch": res.stream_batches,
             "cpu_us_per_message": _cpu_medians(res.cpu_stream),
         },
         "stampede": {"sync": res.stampede_sync, "aio": res.stampede_aio},
         "token_endpoint": {
             "per_second_per_round": res.token,
+            "per_second_per_batch": res.token_batches,
+            "cpu_us_per_request": res.token_cpu,
             **(
                 {
                     "in_process_client_ratio": median(
-                        _ratios(res.token, "endpoint_in_process", "raw")
+                        _ratios(res.token_batches, "endpoint_in_process", "raw")
                     )
                 }
                 if "endpoint_in_process" in res.token[0]
@@ -199,6 +215,10 @@ def print_table(doc: dict[str, Any], stream: TextIO) -> None:
     if cpu:
         parts = ", ".join(f"{k} {v['client_us']:.0f}+{v['server_us']:.0f}" for k, v in cpu.items())
         stream.write(f"sync unary CPU per call, client+server (us): {parts}\n")
+    token_cpu = meta.get("token_endpoint", {}).get("cpu_us_per_request", {})
+    if token_cpu:
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in token_cpu.items())
+        stream.write(f"/token CPU per request (us): {parts}\n")
     stream.write(
         f"mode {meta.get('mode')}, {meta.get('rounds')} rounds, {meta.get('duration_s')} s, "
         f"load {meta.get('loadavg_before')} -> {meta.get('loadavg_after')}\n"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from bench import benchmark as bench
+from bench.child import response_status
 from bench.proc import latency_stats, rotated
 
 METRICS = {
@@ -146,7 +147,21 @@ def test_meta_records_rounds_counts_and_raw_numbers(
     # Verifying a call costs the authenticating server more CPU than echoing it.
     assert all(v["client_us"] > 0 for v in cpu.values())
     assert cpu["naive"]["server_us"] > cpu["bare"]["server_us"]
-    assert set(meta["aio"]["cpu_us_per_call_concurrent"]) == {"aio_bare", "aio_ours", "aio_noop"}
+    assert set(meta["aio"]["cpu_us_per_call_concurrent"]) == {
+        "aio_bare",
+        "aio_ours",
+        "aio_noop",
+        "aio_bare_header",
+    }
+    assert meta["aio"]["bare_header_p50_ratio"] > 0
+    assert meta["aio"]["bare_header_throughput_ratio"] > 0
+    # Throughput ratios come from batches: every variant in each, back to back.
+    batches = meta["aio"]["throughput_per_batch"]
+    assert len(batches) == TINY.rounds * TINY.concurrent_batches
+    assert all(set(b) == set(meta["aio"]["cpu_us_per_call_concurrent"]) for b in batches)
+    streams = meta["stream"]["messages_per_s_per_batch"]
+    assert len(streams) == (TINY.stream_rounds or TINY.rounds) * TINY.stream_batches
+    assert all(set(b) == {"stream_bare", "stream_ours", "stream_noop"} for b in streams)
     assert set(meta["stream"]["cpu_us_per_message"]) == {"bare", "ours", "noop"}
     # The floor is reported per mode, and how far ours is from it.
     assert set(meta["ours_vs_noop_floor"]) == {
@@ -167,6 +182,13 @@ def test_meta_records_rounds_counts_and_raw_numbers(
     assert len(token) == 3
     assert all(set(r) == {"raw", "endpoint", "endpoint_in_process"} for r in token)
     assert meta["token_endpoint"]["in_process_client_ratio"] > 0
+    token_batches = meta["token_endpoint"]["per_second_per_batch"]
+    assert len(token_batches) == 3 * TINY.token_batches
+    # Where the endpoint's CPU goes: the server does at least the decryption.
+    cpu_split = meta["token_endpoint"]["cpu_us_per_request"]
+    assert set(cpu_split) == {"raw", "server", "load_generator"}
+    assert cpu_split["server"] > 0
+    assert 0 < cpu_split["load_generator"] < cpu_split["server"]
     rss = meta["verified_cache"]["rss"]
     assert rss["inserted"] == rss["entries"] == TINY.cache_rss_tokens
     assert rss["max_entries"] == 10_000
@@ -221,3 +243,17 @@ def test_hotpath_script_reports_every_path() -> None:
     assert len(rows) == 7
     for name, value in rows.items():
         assert float(value.split()[0]) > 0, name
+
+
+def test_the_load_generator_reads_exactly_one_response() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+    assert response_status(bytearray(head[:20])) is None
+    assert response_status(bytearray(head + b"{")) is None
+    assert response_status(bytearray(head + b"{}")) == 200
+    assert response_status(bytearray(b"HTTP/1.1 503 x\r\ncontent-length: 0\r\n\r\n")) == 503
+    with pytest.raises(RuntimeError, match="more bytes"):
+        response_status(bytearray(head + b"{}HTTP/1.1"))
+    with pytest.raises(RuntimeError, match="chunked"):
+        response_status(bytearray(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"))
+    with pytest.raises(RuntimeError, match="Content-Length"):
+        response_status(bytearray(b"HTTP/1.1 200 OK\r\n\r\n"))
