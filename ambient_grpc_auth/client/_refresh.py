@@ -12,6 +12,7 @@ Times: ``wall`` is ``clock.time()`` (token expiry is wall time), ``mono`` is
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 
 from ambient_grpc_auth.client.tokens import Token
@@ -29,6 +30,7 @@ __all__ = [
     "after_success",
     "backoff_delay",
     "decide",
+    "fresh_until",
     "phase",
     "usable",
 ]
@@ -101,24 +103,33 @@ class CacheState:
     last_error: ErrorInfo | None = None
 
 
-def phase(state: CacheState, policy: RefreshPolicy, wall: float, mono: float) -> Phase:
+def fresh_until(state: CacheState, policy: RefreshPolicy) -> tuple[float, float]:
+    """``(wall, mono)``: the cached token is FRESH while both clocks are
+    below these bounds (``-inf`` without a token, ``inf`` for no bound).
+    Depends on the state only, so a caller may compute it once per state."""
     token = state.token
     if token is None:
-        return Phase.EXPIRED
+        return (-math.inf, -math.inf)
     if token.expires_at is None:
         max_age = policy.unknown_expiry_max_age
-        if max_age is not None and mono - state.fetched_mono >= max_age:
-            return Phase.STALE
-        return Phase.FRESH
-    if wall >= token.expires_at:
-        return Phase.EXPIRED
+        return (math.inf, math.inf if max_age is None else state.fetched_mono + max_age)
     # A token that lives shorter than twice the refresh-ahead window would be
     # refreshed on every call; refresh such tokens at half their lifetime.
     lifetime = token.expires_at - state.fetched_wall
     ahead = min(policy.refresh_ahead, max(lifetime, 0.0) / 2)
-    if wall >= token.expires_at - ahead:
-        return Phase.STALE
-    return Phase.FRESH
+    return (token.expires_at - ahead, math.inf)
+
+
+def phase(state: CacheState, policy: RefreshPolicy, wall: float, mono: float) -> Phase:
+    token = state.token
+    if token is None:
+        return Phase.EXPIRED
+    wall_bound, mono_bound = fresh_until(state, policy)
+    if wall < wall_bound and mono < mono_bound:
+        return Phase.FRESH
+    if token.expires_at is not None and wall >= token.expires_at:
+        return Phase.EXPIRED
+    return Phase.STALE
 
 
 def decide(state: CacheState, policy: RefreshPolicy, wall: float, mono: float) -> Action:

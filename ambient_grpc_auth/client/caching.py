@@ -49,6 +49,7 @@ import concurrent.futures
 import contextlib
 import hmac
 import logging
+import math
 import random
 import threading
 from dataclasses import dataclass, replace
@@ -136,6 +137,8 @@ class CachingTokenSource:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._state = CacheState()
+        # (state, wall bound, mono bound) of _refresh.fresh_until, for _fast.
+        self._fresh: tuple[CacheState, float, float] = (self._state, -math.inf, -math.inf)
         self._flight: _Flight | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._fetches = 0
@@ -173,11 +176,12 @@ class CachingTokenSource:
 
     def _fast(self) -> Token | None:
         state = self._state  # one atomic read; the state is immutable
+        bounds = self._fresh
+        if bounds[0] is not state:  # computed once per state (a tuple: one atomic write)
+            bounds = self._fresh = (state, *_refresh.fresh_until(state, self._policy))
         clock = self._clock
-        if _refresh.decide(state, self._policy, clock.time(), clock.monotonic()) is (
-            Action.USE_CACHED
-        ):
-            return state.token
+        if clock.time() < bounds[1] and clock.monotonic() < bounds[2]:
+            return state.token  # what decide() answers USE_CACHED for
         return None
 
     def _plan(self, loop: asyncio.AbstractEventLoop | None) -> _Plan:

@@ -8,6 +8,8 @@ import random
 import threading
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support.client import FakeSource
 from support.waiting import async_wait_until, wait_until
 
@@ -525,3 +527,55 @@ async def test_async_invalidate_old_after_refresh() -> None:
     cache.invalidate(old)
     assert await cache.get_token_async() is new
     assert cache.fetches == 2
+
+
+def _phase_by_the_rules(
+    state: CacheState, policy: RefreshPolicy, wall: float, mono: float
+) -> _refresh.Phase:
+    """The refresh rules spelled out case by case, independently of the
+    bounds ``CachingTokenSource`` computes once per state."""
+    token = state.token
+    if token is None:
+        return _refresh.Phase.EXPIRED
+    if token.expires_at is None:
+        max_age = policy.unknown_expiry_max_age
+        if max_age is not None and mono - state.fetched_mono >= max_age:
+            return _refresh.Phase.STALE
+        return _refresh.Phase.FRESH
+    if wall >= token.expires_at:
+        return _refresh.Phase.EXPIRED
+    ahead = min(policy.refresh_ahead, max(token.expires_at - state.fetched_wall, 0.0) / 2)
+    return _refresh.Phase.STALE if wall >= token.expires_at - ahead else _refresh.Phase.FRESH
+
+
+_times = st.floats(min_value=0.0, max_value=10_000.0, allow_nan=False)
+
+
+@given(
+    expires=st.one_of(st.none(), _times),
+    fetched_wall=_times,
+    fetched_mono=_times,
+    wall=_times,
+    mono=_times,
+    ahead=st.floats(min_value=0.0, max_value=600.0),
+    max_age=st.one_of(st.none(), st.floats(min_value=0.001, max_value=600.0)),
+    has_token=st.booleans(),
+)
+def test_phase_and_the_fast_path_follow_the_rules(
+    expires: float | None,
+    fetched_wall: float,
+    fetched_mono: float,
+    wall: float,
+    mono: float,
+    ahead: float,
+    max_age: float | None,
+    has_token: bool,
+) -> None:
+    policy = RefreshPolicy(refresh_ahead=ahead, unknown_expiry_max_age=max_age)
+    token = Token("t", expires) if has_token else None
+    state = CacheState(token=token, fetched_wall=fetched_wall, fetched_mono=fetched_mono)
+    expected = _phase_by_the_rules(state, policy, wall, mono)
+    assert _refresh.phase(state, policy, wall, mono) is expected
+    # The caching source's lock-free path serves the token exactly when FRESH.
+    wall_bound, mono_bound = _refresh.fresh_until(state, policy)
+    assert (wall < wall_bound and mono < mono_bound) is (expected is _refresh.Phase.FRESH)
