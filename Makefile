@@ -10,7 +10,7 @@ RUNTIME_STAMP := $(VENV)/.installed-runtime
 PROTO_SRC := proto/ambient/v1/sessions.proto proto/ambient/testing/v1/echo.proto
 GEN_FILES := $(foreach p,$(PROTO_SRC),$(patsubst proto/%.proto,ambient_grpc_auth/proto/%,$(p)))
 
-.PHONY: install install-runtime proto proto-check lint test test-min demo bench bench-quick bench-hotpath bench-streams soak soak-quick load buf-lint hadolint clean
+.PHONY: install install-runtime proto proto-check lint test test-min demo bench bench-quick bench-hotpath bench-instructions bench-streams soak soak-quick load buf-lint hadolint clean
 
 install: $(STAMP)
 
@@ -91,6 +91,10 @@ bench-quick: $(STAMP)
 
 bench-hotpath: $(STAMP)
 	$(PY) -m bench.hotpath
+
+# Instructions per unary call of each side, under valgrind (several minutes).
+bench-instructions: $(STAMP)
+	$(PY) -m bench.instructions --out bench/instructions.json
 
 # Streams nobody reads: another user's push latency and the server's memory
 # growth under the default stream limits (figures printed, not asserted).

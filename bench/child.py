@@ -43,8 +43,12 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from ambient_grpc_auth.client.aio.channel import create_channel as create_aio_channel
+from ambient_grpc_auth.client.caching import CachingTokenSource
+from ambient_grpc_auth.client.channel import create_channel
+from ambient_grpc_auth.client.tokens import StaticTokenSource, Token
 from ambient_grpc_auth.principal import CallerKind, Principal
-from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2_grpc
+from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
 from ambient_grpc_auth.server.aio.interceptor import (
     ServerAuthInterceptor as AioServerAuthInterceptor,
 )
@@ -54,16 +58,18 @@ from bench.fixtures import (
     AUDIENCE,
     ISSUER,
     KID,
+    SESSION_ID,
+    AioNoopClientInterceptor,
     AioNoopServerInterceptor,
     AsyncEchoServicer,
     EchoServicer,
     NaiveJwtInterceptor,
+    NoopClientInterceptor,
     NoopServerInterceptor,
     ours_config,
 )
-from bench.instructions import call_many
 
-__all__ = ["cache_rss", "http_load", "main", "response_status", "rss_kib"]
+__all__ = ["cache_rss", "call_many", "http_load", "main", "response_status", "rss_kib"]
 
 _LOOPBACK = "127.0.0.1:0"
 _LOCAL_TCP = grpc.LocalConnectionType.LOCAL_TCP
@@ -203,6 +209,56 @@ def _serve_one(mode: str, variant: str, spec: dict[str, Any]) -> None:
         await server.stop(grace=1.0)
 
     asyncio.run(serve())
+
+
+#: call-many: per-call deadline (valgrind slows a client fifty-fold), concurrency.
+_CALL_MANY_TIMEOUT = 600.0
+_CALL_MANY_IN_FLIGHT = 64
+
+
+def call_many(mode: str, variant: str, port: int, token: str, calls: int) -> None:
+    """Make ``calls`` unary Echo calls to 127.0.0.1:``port`` as client
+    ``variant`` (``bare``, ``bare_header``, ``noop``, ``ours``; see
+    :mod:`bench.instructions`): one after another in sync ``mode``, 64 at a
+    time in ``aio``."""
+    request = echo_pb2.EchoRequest(session_id=SESSION_ID, text="hello")
+    header = (("authorization", "Bearer " + token),)
+    metadata = None if variant in ("bare", "ours") else header
+    target = f"127.0.0.1:{port}"
+    source = CachingTokenSource(StaticTokenSource(Token.from_value(token)))
+    if mode == "sync":
+        if variant == "ours":
+            channel: Any = create_channel(target, source, tls=False)
+        elif variant == "noop":
+            channel = grpc.intercept_channel(grpc.insecure_channel(target), NoopClientInterceptor())
+        else:
+            channel = grpc.insecure_channel(target)
+        method = echo_pb2_grpc.EchoServiceStub(channel).Echo  # type: ignore[no-untyped-call]
+        for _ in range(calls):
+            method(request, timeout=_CALL_MANY_TIMEOUT, metadata=metadata)
+        channel.close()
+        return
+
+    async def run() -> None:
+        if variant == "ours":
+            channel: Any = create_aio_channel(target, source, tls=False)
+        elif variant == "noop":
+            channel = grpc.aio.insecure_channel(target, interceptors=[AioNoopClientInterceptor()])
+        else:
+            channel = grpc.aio.insecure_channel(target)
+        method = echo_pb2_grpc.EchoServiceStub(channel).Echo  # type: ignore[no-untyped-call]
+        remaining = calls
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                await method(request, timeout=_CALL_MANY_TIMEOUT, metadata=metadata)
+
+        await asyncio.gather(*(worker() for _ in range(_CALL_MANY_IN_FLIGHT)))
+        await channel.close()
+
+    asyncio.run(run())
 
 
 # --- token endpoint load ------------------------------------------------------

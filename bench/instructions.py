@@ -1,6 +1,7 @@
 """Instructions per unary call, side by side, counted by valgrind's callgrind.
 
     python -m bench.instructions [--calls N] [--mode sync|aio|both] [--side client|server|both]
+                                 [--out FILE] [--keep DIR]
 
 Wall and CPU times on a shared machine drift by several percent from one
 second to the next; instruction counts do not. This profiles one side of a
@@ -25,14 +26,15 @@ counts about ten times what it costs natively (about 13,000 instructions for
 a 440-byte header against about 0.4 µs). Thread scheduling under valgrind
 varies a little from run to run: counts repeat within about 2 %.
 
-Needs ``valgrind`` (Debian package ``valgrind``); prints a table, and writes
-JSON with ``--out``. Takes several minutes. Not part of the library's API.
+Needs ``valgrind`` (Debian package ``valgrind``); prints a table, writes
+JSON with ``--out`` and keeps callgrind's profiles (``callgrind_annotate``
+reads them) with ``--keep DIR``. Takes about 15 minutes. Not part of the
+library's API.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import shutil
@@ -44,82 +46,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
-
-from ambient_grpc_auth.client.aio.channel import create_channel as create_aio_channel
-from ambient_grpc_auth.client.caching import CachingTokenSource
-from ambient_grpc_auth.client.channel import create_channel
-from ambient_grpc_auth.client.tokens import StaticTokenSource, Token
-from ambient_grpc_auth.proto.ambient.testing.v1 import echo_pb2, echo_pb2_grpc
+from bench.child import call_many
 from bench.fixtures import (
     OWNER,
     SESSION_ID,
-    AioNoopClientInterceptor,
-    NoopClientInterceptor,
     mint_runner_token,
     new_identity,
 )
 from bench.proc import child_env
+from bench.report import machine
 
-__all__ = ["CLIENT_VARIANTS", "SERVER_VARIANTS", "call_many", "main"]
+__all__ = ["CLIENT_VARIANTS", "SERVER_VARIANTS", "collected", "main"]
 
 SERVER_VARIANTS = ("bare", "bare_header", "noop", "ours")
 CLIENT_VARIANTS = ("bare", "bare_header", "noop", "ours")
-_IN_FLIGHT = 64
 _BASE_CALLS = 100
-_TIMEOUT = 600.0  # per call: valgrind slows a side down fifty-fold
+_TIMEOUT = 600.0  # valgrind slows a side down fifty-fold
 _COLLECTED = re.compile(r"Collected : (\d+)")
-
-
-def call_many(mode: str, variant: str, port: int, token: str, calls: int) -> None:
-    """Make ``calls`` unary Echo calls to 127.0.0.1:``port`` as client
-    ``variant`` (one of :data:`CLIENT_VARIANTS`)."""
-    request = echo_pb2.EchoRequest(session_id=SESSION_ID, text="hello")
-    header = (("authorization", "Bearer " + token),)
-    metadata = None if variant in ("bare", "ours") else header
-    target = f"127.0.0.1:{port}"
-    source = CachingTokenSource(StaticTokenSource(Token.from_value(token)))
-    if mode == "sync":
-        if variant == "ours":
-            channel: Any = create_channel(target, source, tls=False)
-        elif variant == "noop":
-            channel = grpc.intercept_channel(grpc.insecure_channel(target), NoopClientInterceptor())
-        else:
-            channel = grpc.insecure_channel(target)
-        method = echo_pb2_grpc.EchoServiceStub(channel).Echo  # type: ignore[no-untyped-call]
-        for _ in range(calls):
-            method(request, timeout=_TIMEOUT, metadata=metadata)
-        channel.close()
-        return
-
-    async def run() -> None:
-        if variant == "ours":
-            channel: Any = create_aio_channel(target, source, tls=False)
-        elif variant == "noop":
-            channel = grpc.aio.insecure_channel(target, interceptors=[AioNoopClientInterceptor()])
-        else:
-            channel = grpc.aio.insecure_channel(target)
-        method = echo_pb2_grpc.EchoServiceStub(channel).Echo  # type: ignore[no-untyped-call]
-        remaining = calls
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                await method(request, timeout=_TIMEOUT, metadata=metadata)
-
-        await asyncio.gather(*(worker() for _ in range(_IN_FLIGHT)))
-        await channel.close()
-
-    asyncio.run(run())
 
 
 def _valgrind(out: Path) -> list[str]:
     return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
 
 
-def _collected(stderr: str) -> int:
+def collected(stderr: str) -> int:
     match = _COLLECTED.search(stderr)
     if match is None:
         raise RuntimeError(f"no instruction count from valgrind: {stderr[-1000:]}")
@@ -157,7 +107,7 @@ def _server_count(mode: str, variant: str, spec: Path, token: str, calls: int, w
         call_many(mode, client, port, token, calls)
     finally:
         stderr = _stop(proc)
-    return _collected(stderr)
+    return collected(stderr)
 
 
 def _client_count(mode: str, variant: str, port: int, token: str, calls: int, work: Path) -> int:
@@ -181,7 +131,7 @@ def _client_count(mode: str, variant: str, port: int, token: str, calls: int, wo
     )
     if done.returncode != 0:
         raise RuntimeError(f"client child failed: {done.stderr[-2000:]}")
-    return _collected(done.stderr)
+    return collected(done.stderr)
 
 
 def _server_variant_for(client_variant: str) -> str:
@@ -233,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("sync", "aio", "both"), default="both")
     parser.add_argument("--side", choices=("client", "server", "both"), default="both")
     parser.add_argument("--out", type=Path, help="also write the counts as JSON")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep callgrind's profiles in DIR")
     args = parser.parse_args(argv)
     if args.calls < 100:
         parser.error("--calls must be at least 100")
@@ -242,14 +193,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = ("sync", "aio") if args.mode == "both" else (args.mode,)
     sides = ("server", "client") if args.side == "both" else (args.side,)
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="ambient-instructions-") as work:
+    with tempfile.TemporaryDirectory(prefix="ambient-instructions-") as scratch:
+        work = Path(scratch) if args.keep is None else args.keep
+        work.mkdir(parents=True, exist_ok=True)
         for mode in modes:
             for side in sides:
                 sys.stderr.write(f"bench.instructions: {mode} {side}\n")
-                results[f"{mode} {side}"] = profile(mode, side, args.calls, Path(work))
+                results[f"{mode} {side}"] = profile(mode, side, args.calls, work)
     _print(results)
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        valgrind = subprocess.run(
+            ["valgrind", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        doc = {
+            "instructions_per_call": {
+                name: {variant: round(count) for variant, count in counts.items()}
+                for name, counts in results.items()
+            },
+            "_meta": {"calls": args.calls, "valgrind": valgrind, "machine": machine()},
+        }
+        args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return 0
 
 
