@@ -56,7 +56,15 @@ from bench.fixtures import (
 from bench.proc import child_env
 from bench.report import machine
 
-__all__ = ["CLIENT_VARIANTS", "SERVER_VARIANTS", "collected", "main"]
+__all__ = [
+    "CLIENT_VARIANTS",
+    "SERVER_VARIANTS",
+    "collected",
+    "main",
+    "server_variant_for",
+    "start_server",
+    "stop_server",
+]
 
 SERVER_VARIANTS = ("bare", "bare_header", "noop", "ours")
 CLIENT_VARIANTS = ("bare", "bare_header", "noop", "ours")
@@ -76,7 +84,7 @@ def collected(stderr: str) -> int:
     return int(match.group(1))
 
 
-def _server(mode: str, variant: str, spec: Path, prefix: list[str]) -> tuple[Any, int]:
+def start_server(mode: str, variant: str, spec: Path, prefix: list[str]) -> tuple[Any, int]:
     """A ``serve-one`` child (under ``prefix``, e.g. valgrind) and its port."""
     proc = subprocess.Popen(
         [*prefix, "-m", "bench.child", "serve-one", mode, variant, str(spec)],
@@ -94,19 +102,21 @@ def _server(mode: str, variant: str, spec: Path, prefix: list[str]) -> tuple[Any
     return proc, int(json.loads(line)["port"])
 
 
-def _stop(proc: Any) -> str:
+def stop_server(proc: Any) -> str:
     """Close the child's stdin (it stops serving) and return its stderr."""
     _, stderr = proc.communicate(input="", timeout=_TIMEOUT)
     return str(stderr)
 
 
 def _server_count(mode: str, variant: str, spec: Path, token: str, calls: int, work: Path) -> int:
-    proc, port = _server(mode, variant, spec, _valgrind(work / f"server-{variant}-{calls}.out"))
+    proc, port = start_server(
+        mode, variant, spec, _valgrind(work / f"server-{variant}-{calls}.out")
+    )
     try:
         client = "bare" if variant == "bare" else "bare_header"
         call_many(mode, client, port, token, calls)
     finally:
-        stderr = _stop(proc)
+        stderr = stop_server(proc)
     return collected(stderr)
 
 
@@ -134,8 +144,9 @@ def _client_count(mode: str, variant: str, port: int, token: str, calls: int, wo
     return collected(done.stderr)
 
 
-def _server_variant_for(client_variant: str) -> str:
-    # Each client talks to a server that accepts what it sends.
+def server_variant_for(client_variant: str) -> str:
+    """The server a client variant is profiled against: one that accepts
+    what it sends."""
     return {"ours": "ours", "noop": "noop"}.get(client_variant, "bare")
 
 
@@ -156,12 +167,12 @@ def profile(mode: str, side: str, calls: int, work: Path) -> dict[str, float]:
             per_call[variant] = (high - low) / calls
         return per_call
     for variant in CLIENT_VARIANTS:
-        proc, port = _server(mode, _server_variant_for(variant), spec, [sys.executable])
+        proc, port = start_server(mode, server_variant_for(variant), spec, [sys.executable])
         try:
             low = _client_count(mode, variant, port, token, _BASE_CALLS, work)
             high = _client_count(mode, variant, port, token, _BASE_CALLS + calls, work)
         finally:
-            _stop(proc)
+            stop_server(proc)
         per_call[variant] = (high - low) / calls
     return per_call
 

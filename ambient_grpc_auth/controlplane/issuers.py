@@ -136,6 +136,11 @@ class JwtIssuer:
     - ``executor``: where :meth:`issue` makes RSA signatures, off the event
       loop (default: on the calling thread). ES256 and EdDSA signatures are
       always made on the calling thread: they cost less than a thread hop.
+      So is the signing-key lookup, which for a
+      :class:`~ambient_grpc_auth.controlplane.keys.SigningKeyStore` means a
+      look at the key directory once per ``check_interval`` (a listing and
+      a few ``stat`` calls; the key files are read again only after a
+      rotation).
 
     Thread-safe. Signing costs tens of microseconds with ES256 or EdDSA, one
     RSA-2048 private-key operation (~1-2 ms) with RS256.

@@ -15,10 +15,16 @@ import pytest
 
 from bench import instructions
 from bench.child import call_many
-from bench.fixtures import OWNER, SESSION_ID, mint_runner_token, new_identity
+from bench.fixtures import OWNER, SESSION_ID, BenchIdentity, mint_runner_token, new_identity
 from bench.proc import child_env
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _spec(tmp_path: Path, identity: BenchIdentity) -> Path:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"public_pem": identity.public_pem, "owners": {SESSION_ID: OWNER}}))
+    return spec
 
 
 @pytest.mark.parametrize("mode", ["sync", "aio"])
@@ -26,34 +32,14 @@ REPO = Path(__file__).resolve().parents[2]
 def test_every_client_variant_talks_to_its_server(mode: str, variant: str, tmp_path: Path) -> None:
     identity = new_identity()
     token = mint_runner_token(identity, now=time.time())
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"public_pem": identity.public_pem, "owners": {SESSION_ID: OWNER}}))
-    server_variant = {"ours": "ours", "noop": "noop"}.get(variant, "bare")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bench.child", "serve-one", mode, server_variant, str(spec)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=child_env(),
+    server, port = instructions.start_server(
+        mode, instructions.server_variant_for(variant), _spec(tmp_path, identity), [sys.executable]
     )
     try:
-        assert server.stdout is not None
-        port = int(json.loads(server.stdout.readline())["port"])
         # Through a child, as the profiler runs it (there under valgrind).
+        args = ["call-many", mode, variant, str(port), token, "5"]
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.child",
-                "call-many",
-                mode,
-                variant,
-                str(port),
-                token,
-                "5",
-            ],
+            [sys.executable, "-m", "bench.child", *args],
             capture_output=True,
             text=True,
             timeout=120,
@@ -63,32 +49,21 @@ def test_every_client_variant_talks_to_its_server(mode: str, variant: str, tmp_p
         )
         assert done.returncode == 0, done.stderr
     finally:
-        _, stderr = server.communicate(input="", timeout=60)
-    assert server.returncode == 0, stderr
+        instructions.stop_server(server)
+    assert server.returncode == 0
 
 
 def test_our_server_refuses_a_client_without_the_header(tmp_path: Path) -> None:
     # The "ours" server really authenticates: the bare client is refused.
-    identity = new_identity()
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"public_pem": identity.public_pem, "owners": {SESSION_ID: OWNER}}))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bench.child", "serve-one", "sync", "ours", str(spec)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=child_env(),
+    server, port = instructions.start_server(
+        "sync", "ours", _spec(tmp_path, new_identity()), [sys.executable]
     )
     try:
-        assert server.stdout is not None
-        port = int(json.loads(server.stdout.readline())["port"])
         with pytest.raises(grpc.RpcError) as err:
             call_many("sync", "bare", port, "not-a-token", 1)
         assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
     finally:
-        server.communicate(input="", timeout=60)
+        instructions.stop_server(server)
 
 
 def test_arguments_and_missing_counts_are_refused() -> None:
