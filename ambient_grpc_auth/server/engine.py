@@ -308,16 +308,7 @@ class AuthEngine:
         """Log and count a rejection; return what the peer sees."""
         denial = rejection_status(error)
         self.metrics.denied(error.reason)
-        if principal is None:
-            _log.info("rejected %s: %s (%s)", method, error.reason, denial.code.name)
-        else:
-            _log.info(
-                "rejected %s for %r: %s (%s)",
-                method,
-                principal.username,
-                error.reason,
-                denial.code.name,
-            )
+        _log_rejection(method, error.reason, denial, principal)
         return denial
 
     def _open_stream(self, method: str, principal: Principal) -> StreamSlot | Denial:
@@ -325,18 +316,31 @@ class AuthEngine:
         if slot is not None:
             return slot
         self.metrics.denied("too_many_streams")
-        _log.info(
-            "rejected %s for %r: too_many_streams (%s)",
-            method,
-            principal.username,
-            _TOO_MANY_STREAMS.code.name,
-        )
+        _log_rejection(method, "too_many_streams", _TOO_MANY_STREAMS, principal)
         return _TOO_MANY_STREAMS
 
     def _lookup_failed(self, method: str, exc: Exception) -> Denial:
         _log.error("owner lookup failed on %s: %s", method, type(exc).__name__)
         return self._deny(
             method, TokenRejectedError("owner_lookup_failed", grpc.StatusCode.UNAVAILABLE)
+        )
+
+
+def _log_rejection(method: str, reason: str, denial: Denial, principal: Principal | None) -> None:
+    """One line per rejection: the method, the caller when authenticated (as
+    ``(issuer, username)``, the identity everything is compared by: a name
+    alone may belong to several identity providers), the reason and the
+    status. Never the token."""
+    if principal is None:
+        _log.info("rejected %s: %s (%s)", method, reason, denial.code.name)
+    else:
+        _log.info(
+            "rejected %s for %r of %r: %s (%s)",
+            method,
+            principal.username,
+            principal.issuer,
+            reason,
+            denial.code.name,
         )
 
 

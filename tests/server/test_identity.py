@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -364,3 +365,16 @@ def test_cross_idp_alice_is_denied_by_real_servers(served: Served) -> None:
         ("WatchSessionMessages", watch),
     ):
         assert served.code(method, request, alice1) == OK, method
+
+
+def test_rejection_logs_name_the_caller_with_its_issuer(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "alice" alone is ambiguous (two IdPs have one); the log says which.
+    caplog.set_level(logging.INFO, logger="ambient_grpc_auth.server.interceptor")
+    token = world.idp2.mint("alice")
+    assert world.decide(token, world.alice_session) == DENIED
+    lines = [r.getMessage() for r in caplog.records if r.message.startswith("rejected")]
+    assert lines, caplog.text
+    assert all(f"for 'alice' of '{world.idp2.issuer}': not_owner" in line for line in lines)
+    assert token not in caplog.text
