@@ -6,6 +6,8 @@
   an :class:`~ambient_grpc_auth.server.engine.Admission`, its stream slot and
   its principal (the sync interceptor, and the aio interceptor for sync
   servicer methods);
+- :func:`wrap_bypassed_stream` counts a bypassed method's streaming calls
+  against the stream limits (both interceptors, for sync behaviours);
 - :func:`release_on_end` releases a stream slot when the call ends.
 
 Nothing here decides anything: the decisions come from
@@ -28,7 +30,7 @@ from ambient_grpc_auth.principal import (
     set_current_principal,
 )
 from ambient_grpc_auth.server._streams import StreamSlot
-from ambient_grpc_auth.server.engine import Denial
+from ambient_grpc_auth.server.engine import MAX_PLANNED_METHODS, AuthEngine, Denial
 from ambient_grpc_auth.server.metrics import MetricsHook
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -131,6 +133,62 @@ def _checked_later(
         if denial is not None:
             context.abort(*denial)
         yield request
+
+
+def wrap_bypassed_stream(handler: Handler, open_stream: OpenStream) -> Handler:
+    """The streaming ``handler`` of a bypassed method, holding a slot from
+    ``open_stream`` while the call lasts (refused when the stream limits are
+    reached). Nothing else changes: no caller, no check, no metrics.
+    Response-streaming behaviours stay generator functions (see
+    :func:`wrap_sync_handler`)."""
+    behaviour = handler.unary_stream or handler.stream_unary or handler.stream_stream
+    assert behaviour is not None  # only streaming handlers are wrapped
+
+    def counted(request: Any, context: grpc.ServicerContext) -> Any:
+        slot = _stream_slot(open_stream, context)
+        try:
+            return behaviour(request, context)
+        finally:
+            slot.release()
+
+    def counted_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        slot = _stream_slot(open_stream, context)
+        try:
+            yield from behaviour(request, context)
+        finally:
+            slot.release()
+
+    return rejecting_factory(handler)(
+        counted_stream if handler.response_streaming else counted,
+        handler.request_deserializer,
+        handler.response_serializer,
+    )
+
+
+class BypassedStreams:
+    """The handlers an interceptor serves for bypassed methods: unary ones
+    unchanged, streaming ones wrapped by ``wrap`` (``wrap(handler,
+    open_stream)``) to hold a slot of ``engine``'s stream limits. Wrapped
+    handlers are remembered per handler, as many as the engine plans
+    methods. Thread-safe (a lost race builds one wrapper twice)."""
+
+    def __init__(self, engine: AuthEngine, wrap: Callable[[Handler, OpenStream], Handler]) -> None:
+        self._engine = engine
+        self._wrap = wrap
+        self._wrapped: dict[int, tuple[Handler, Handler]] = {}
+
+    def handler_for(self, handler: Handler | None, method: str) -> Handler | None:
+        """What to serve for bypassed ``method`` whose handler is ``handler``."""
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        known = self._wrapped.get(id(handler))
+        if known is not None and known[0] is handler:
+            return known[1]
+        engine = self._engine
+        wrapped = self._wrap(handler, lambda: engine.open_bypassed_stream(method))
+        if len(self._wrapped) < MAX_PLANNED_METHODS:
+            self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
 
 
 def wrap_sync_handler(

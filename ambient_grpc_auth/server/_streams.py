@@ -9,7 +9,9 @@ open stream holds a worker thread, on a ``grpc.aio`` server a task and the
 call's buffers.
 
 Callers are counted by ``(issuer, username, session scope)``: one runner
-token, one user of one identity provider.
+token, one user of one identity provider. Streaming calls to methods served
+without authentication (health ``Watch``, reflection) count as one more
+caller, the anonymous one: they too hold a worker thread or a task.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from ambient_grpc_auth.principal import Principal
 __all__ = ["StreamLimiter", "StreamSlot"]
 
 _Key = tuple[str | None, str, str | None]
+#: The key of the anonymous caller; no principal has it (a username is never
+#: empty).
+_ANONYMOUS: _Key = (None, "", None)
 
 
 class StreamSlot:
@@ -53,10 +58,14 @@ class StreamLimiter:
         self._open: dict[_Key, int] = {}
         self._count = 0
 
-    def acquire(self, principal: Principal) -> StreamSlot | None:
-        """A slot for a new stream of ``principal``, or ``None`` when a limit
-        is reached."""
-        key: _Key = (principal.issuer, principal.username, principal.session_scope)
+    def acquire(self, principal: Principal | None) -> StreamSlot | None:
+        """A slot for a new stream of ``principal`` (``None``: the anonymous
+        caller), or ``None`` when a limit is reached."""
+        key: _Key = (
+            _ANONYMOUS
+            if principal is None
+            else (principal.issuer, principal.username, principal.session_scope)
+        )
         with self._lock:
             held = self._open.get(key, 0)
             if (self._per_principal is not None and held >= self._per_principal) or (

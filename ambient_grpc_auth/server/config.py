@@ -105,8 +105,9 @@ class ServerAuthConfig:
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
     #: Streaming calls one caller (one token's identity) may hold open at
     #: once; beyond it a new one is refused RESOURCE_EXHAUSTED. A stream
-    #: counts until it ends for any reason (cancellation included). ``None``:
-    #: no limit.
+    #: counts until it ends for any reason (cancellation included). Streams
+    #: of bypassed methods (health ``Watch``, reflection) are counted as one
+    #: anonymous caller's. ``None``: no limit.
     max_streams_per_principal: int | None = DEFAULT_MAX_STREAMS_PER_PRINCIPAL
     #: Streaming calls all callers together may hold open (RESOURCE_EXHAUSTED
     #: beyond it); ``None``: no limit. On a sync server set it below the

@@ -7,7 +7,10 @@ interceptors only translate its decisions into gRPC. The pipeline, in order:
 work:
 
 1. **Bypass.** A method the bypass selector exempts (health checks and
-   reflection by default) is served unchecked: :attr:`Pass.BYPASSED`.
+   reflection by default) is served unchecked: :attr:`Pass.BYPASSED`. Its
+   streaming calls still take a slot (:meth:`AuthEngine.open_bypassed_stream`),
+   all of them as one anonymous caller: peers without a token hold, all
+   together, at most ``max_streams_per_principal`` worker threads or tasks.
 2. **Bearer.** Exactly one ``authorization: Bearer <token>`` value, bounded
    in size; anything else is UNAUTHENTICATED.
 3. **Verified-token cache**, keyed by a digest of the whole header value: a
@@ -311,7 +314,13 @@ class AuthEngine:
         _log_rejection(method, error.reason, denial, principal)
         return denial
 
-    def _open_stream(self, method: str, principal: Principal) -> StreamSlot | Denial:
+    def open_bypassed_stream(self, method: str) -> StreamSlot | Denial:
+        """For a streaming call to a bypassed method, before its handler runs:
+        a slot (counted as the anonymous caller's) to release when the call
+        ends, or the denial (logged and counted) when a limit is reached."""
+        return self._open_stream(method, None)
+
+    def _open_stream(self, method: str, principal: Principal | None) -> StreamSlot | Denial:
         slot = self._streams.acquire(principal)
         if slot is not None:
             return slot

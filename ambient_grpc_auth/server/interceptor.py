@@ -25,7 +25,8 @@ Streaming calls are bounded per caller (``max_streams_per_principal``) and in
 total (``max_concurrent_streams``): each holds a worker thread for as long as
 it is open, so keep the total below the server's worker count and unary calls
 always find a free worker. Beyond a limit a new stream is refused
-RESOURCE_EXHAUSTED.
+RESOURCE_EXHAUSTED. Streaming calls to bypassed methods (health ``Watch``,
+reflection) count too, all of them as one anonymous caller.
 
 Configure with :class:`~ambient_grpc_auth.server.config.ServerAuthConfig`, e.g.::
 
@@ -42,7 +43,13 @@ from typing import Any
 
 import grpc
 
-from ambient_grpc_auth.server._handlers import Handler, rejecting_factory, wrap_sync_handler
+from ambient_grpc_auth.server._handlers import (
+    BypassedStreams,
+    Handler,
+    rejecting_factory,
+    wrap_bypassed_stream,
+    wrap_sync_handler,
+)
 from ambient_grpc_auth.server.config import ServerAuthConfig
 from ambient_grpc_auth.server.engine import Admission, AuthEngine, Denial, Pass, Verification
 from ambient_grpc_auth.server.metrics import MetricsHook
@@ -55,6 +62,7 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, *, config: ServerAuthConfig) -> None:
         self._engine = AuthEngine(config)
+        self._bypassed = BypassedStreams(self._engine, wrap_bypassed_stream)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> ServerAuthInterceptor:
@@ -87,6 +95,8 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):
             # verification that may wait on a key fetch runs in the handler,
             # on a worker thread, so that nothing else waits with it.
             return _verifying_handler(handler, decision, self._handler_for)
+        if decision is Pass.BYPASSED:
+            return self._bypassed.handler_for(handler, handler_call_details.method)
         return self._handler_for(handler, decision)
 
     def _handler_for(
@@ -106,7 +116,7 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):
             return wrapped
         if isinstance(decision, Denial):
             return _rejecting_handler(handler, decision)
-        return handler  # Pass: bypassed, or unimplemented
+        return handler  # unimplemented
 
 
 def _verifying_handler(

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.keys import signing_key
 from support.server import (
     AUDIENCE,
@@ -224,3 +225,53 @@ def test_slots_are_released_however_a_stream_ends(kind: str, start: Any) -> None
 def test_stream_limits_are_validated(limits: dict[str, int]) -> None:
     with pytest.raises(ConfigurationError):
         config(**limits)
+
+
+class HeldWatch:
+    """An anonymous health Watch stream (a bypassed method), kept open."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        self.call = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+
+    def first(self) -> Any:
+        return next(self.call)
+
+    def end(self) -> None:
+        self.call.cancel()
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_anonymous_streams_of_bypassed_methods_are_bounded(kind: str, start: Any) -> None:
+    # Health Watch needs no token; each open Watch holds a worker thread (sync)
+    # or a task (aio). All of them count as one anonymous caller.
+    server = start(kind, config(max_streams_per_principal=3))
+    held = [HeldWatch(server.channel) for _ in range(3)]
+    try:
+        for watch in held:
+            assert watch.first().status == health_pb2.HealthCheckResponse.SERVING
+        assert server.interceptor.open_streams() == 3
+        extra = HeldWatch(server.channel)
+        with pytest.raises(grpc.RpcError) as err:
+            extra.first()
+        assert (err.value.code(), err.value.details()) == EXHAUSTED
+        extra.end()
+        # Unary health checks are never counted; callers with a token keep
+        # their own share.
+        check = health_pb2_grpc.HealthStub(server.channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        alice = HeldStream(server.stub, "alice")
+        assert alice.first().caller == "alice"
+        held_alice = alice
+    finally:
+        for watch in held:
+            watch.end()
+    held_alice.end()
+    wait_until(lambda: server.interceptor.open_streams() == 0)
+    again = HeldWatch(server.channel)
+    assert again.first().status == health_pb2.HealthCheckResponse.SERVING
+    again.end()
+    wait_until(lambda: server.interceptor.open_streams() == 0)
+    assert server.interceptor.metrics.snapshot().denied["too_many_streams"] == 1

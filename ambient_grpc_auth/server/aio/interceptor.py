@@ -40,14 +40,17 @@ from ambient_grpc_auth.principal import (
     set_current_principal,
 )
 from ambient_grpc_auth.server._handlers import (
+    BypassedStreams,
     Handler,
+    OpenStream,
     rejecting_factory,
     release_on_end,
+    wrap_bypassed_stream,
     wrap_sync_handler,
 )
 from ambient_grpc_auth.server._streams import StreamSlot
 from ambient_grpc_auth.server.config import ServerAuthConfig
-from ambient_grpc_auth.server.engine import Admission, AuthEngine, Denial, Verification
+from ambient_grpc_auth.server.engine import Admission, AuthEngine, Denial, Pass, Verification
 from ambient_grpc_auth.server.metrics import MetricsHook
 
 __all__ = ["ServerAuthInterceptor"]
@@ -60,6 +63,7 @@ class ServerAuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, *, config: ServerAuthConfig) -> None:
         self._engine = AuthEngine(config)
+        self._bypassed = BypassedStreams(self._engine, _wrap_bypassed)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> ServerAuthInterceptor:
@@ -97,7 +101,9 @@ class ServerAuthInterceptor(grpc.aio.ServerInterceptor):
             return wrapped
         if isinstance(decision, Denial):
             return _rejecting_handler(handler, decision)
-        return handler  # Pass: bypassed, or unimplemented
+        if decision is Pass.BYPASSED:
+            return self._bypassed.handler_for(handler, handler_call_details.method)
+        return handler  # unimplemented
 
 
 def _rejecting_handler(handler: Handler | None, denial: Denial) -> Handler:
@@ -121,6 +127,49 @@ def _behaviour(handler: Handler) -> Any:
     )
 
 
+async def _stream_slot(open_stream: OpenStream, context: Any) -> StreamSlot:
+    """A slot for this streaming call, or abort with the denial."""
+    slot = open_stream()
+    if isinstance(slot, StreamSlot):
+        release_on_end(context, slot)
+        return slot
+    await context.abort(*slot)
+    raise AssertionError("abort() returns by raising")  # pragma: no cover
+
+
+def _wrap_bypassed(handler: Handler, open_stream: OpenStream) -> Handler:
+    """The streaming ``handler`` of a bypassed method, holding a slot while
+    the call lasts; a wrapper of the same kind as the behaviour."""
+    inner = _behaviour(handler)
+    if not _is_async(inner):
+        return wrap_bypassed_stream(handler, open_stream)
+    if inspect.isasyncgenfunction(inner):
+
+        async def counted_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            slot = await _stream_slot(open_stream, context)
+            try:
+                async with contextlib.aclosing(inner(request, context)) as out:
+                    async for item in out:
+                        yield item
+            finally:
+                slot.release()
+
+        behaviour: Any = counted_stream
+    else:
+
+        async def counted(request: Any, context: Any) -> Any:
+            slot = await _stream_slot(open_stream, context)
+            try:
+                return await inner(request, context)
+            finally:
+                slot.release()
+
+        behaviour = counted
+    return rejecting_factory(handler)(
+        behaviour, handler.request_deserializer, handler.response_serializer
+    )
+
+
 def _wrap(handler: Handler, admission: Admission, metrics: MetricsHook) -> Handler:
     """``handler`` with the admission's request check applied, the call
     counted as allowed once the first request passes, and the principal
@@ -134,12 +183,7 @@ def _wrap(handler: Handler, admission: Admission, metrics: MetricsHook) -> Handl
         return wrap_sync_handler(handler, principal, admission.check, metrics, open_stream)
 
     async def stream_slot(context: Any) -> StreamSlot:
-        slot = open_stream()
-        if isinstance(slot, StreamSlot):
-            release_on_end(context, slot)
-            return slot
-        await context.abort(*slot)
-        raise AssertionError("abort() returns by raising")  # pragma: no cover
+        return await _stream_slot(open_stream, context)
 
     # Inline checks are decided without a coroutine; others await a thread.
     inline = None
