@@ -15,7 +15,7 @@ document per line) and exit when their stdin closes.
   ``{"elapsed", "statuses"}`` per line.
 - ``cache-rss N``: fills a fresh verified-token cache with N distinct tokens
   and reports the resident memory growth.
-- ``serve-one MODE VARIANT SPEC`` / ``call-many MODE VARIANT PORT TOKEN N``:
+- ``serve-one MODE VARIANT SPEC`` / ``call-many MODE VARIANT PORT SPEC N``:
   one server, or one client making N calls, for :mod:`bench.instructions`.
 
 Not part of the library's API.
@@ -466,11 +466,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args[3], encoding="utf-8") as spec:
             _serve_one(args[1], args[2], json.load(spec))
     elif args[:1] == ["call-many"] and len(args) == 6:
-        call_many(args[1], args[2], int(args[3]), args[4], int(args[5]))
+        with open(args[4], encoding="utf-8") as spec:
+            token = json.load(spec)["token"]  # not on the command line
+        call_many(args[1], args[2], int(args[3]), token, int(args[5]))
     else:
         sys.stderr.write(
             "usage: serve sync|aio | http-load | cache-rss N"
-            " | serve-one MODE VARIANT SPEC | call-many MODE VARIANT PORT TOKEN N\n"
+            " | serve-one MODE VARIANT SPEC | call-many MODE VARIANT PORT SPEC N\n"
         )
         return 2
     return 0

@@ -120,7 +120,9 @@ def _server_count(mode: str, variant: str, spec: Path, token: str, calls: int, w
     return collected(stderr)
 
 
-def _client_count(mode: str, variant: str, port: int, token: str, calls: int, work: Path) -> int:
+def _client_count(mode: str, variant: str, port: int, spec: Path, calls: int, work: Path) -> int:
+    # The token travels in the spec file: a command line is visible to every
+    # process, and valgrind prints it.
     done = subprocess.run(
         [
             *_valgrind(work / f"client-{variant}-{calls}.out"),
@@ -130,7 +132,7 @@ def _client_count(mode: str, variant: str, port: int, token: str, calls: int, wo
             mode,
             variant,
             str(port),
-            token,
+            str(spec),
             str(calls),
         ],
         capture_output=True,
@@ -156,7 +158,9 @@ def profile(mode: str, side: str, calls: int, work: Path) -> dict[str, float]:
     token = mint_runner_token(identity, now=time.time())
     spec = work / "spec.json"
     spec.write_text(
-        json.dumps({"public_pem": identity.public_pem, "owners": {SESSION_ID: OWNER}}),
+        json.dumps(
+            {"public_pem": identity.public_pem, "owners": {SESSION_ID: OWNER}, "token": token}
+        ),
         encoding="utf-8",
     )
     per_call: dict[str, float] = {}
@@ -169,8 +173,8 @@ def profile(mode: str, side: str, calls: int, work: Path) -> dict[str, float]:
     for variant in CLIENT_VARIANTS:
         proc, port = start_server(mode, server_variant_for(variant), spec, [sys.executable])
         try:
-            low = _client_count(mode, variant, port, token, _BASE_CALLS, work)
-            high = _client_count(mode, variant, port, token, _BASE_CALLS + calls, work)
+            low = _client_count(mode, variant, port, spec, _BASE_CALLS, work)
+            high = _client_count(mode, variant, port, spec, _BASE_CALLS + calls, work)
         finally:
             stop_server(proc)
         per_call[variant] = (high - low) / calls

@@ -445,17 +445,25 @@ class ControlPlaneTokenSource:
                 outcome = self._transport_failure(exc)
             if isinstance(outcome, Token):
                 return outcome
-            if not outcome.retryable or attempt >= self.attempts:
-                raise self._error(outcome, attempt)
-            if outcome.at_once:
-                continue
-            delay = self._delay(attempt)
-            _log.info(
-                "control-plane token request failed (%s); retrying in %.2fs",
-                outcome.message,
-                delay,
-            )
-            self._sleep(delay)
+            delay = self._retry_delay(outcome, attempt)
+            if delay is not None:
+                self._sleep(delay)
+
+    def _retry_delay(self, outcome: _Failure, attempt: int) -> float | None:
+        """After attempt number ``attempt`` failed with ``outcome`` (both
+        twins): raise the final error, or return the seconds to wait before
+        the next attempt (``None``: at once)."""
+        if not outcome.retryable or attempt >= self.attempts:
+            raise self._error(outcome, attempt)
+        if outcome.at_once:
+            return None
+        delay = self._delay(attempt)
+        _log.info(
+            "control-plane token request failed (%s); retrying in %.2fs",
+            outcome.message,
+            delay,
+        )
+        return delay
 
     async def get_token_async(self) -> Token:
         """As :meth:`get_token`, on aiohttp; never blocks the event loop."""
@@ -487,17 +495,9 @@ class ControlPlaneTokenSource:
                 outcome = self._transport_failure(exc)
             if isinstance(outcome, Token):
                 return outcome
-            if not outcome.retryable or attempt >= self.attempts:
-                raise self._error(outcome, attempt)
-            if outcome.at_once:
-                continue
-            delay = self._delay(attempt)
-            _log.info(
-                "control-plane token request failed (%s); retrying in %.2fs",
-                outcome.message,
-                delay,
-            )
-            await self._async_sleep(delay)
+            delay = self._retry_delay(outcome, attempt)
+            if delay is not None:
+                await self._async_sleep(delay)
 
 
 def _proof_from_env(env: Mapping[str, str]) -> ProofVersion:

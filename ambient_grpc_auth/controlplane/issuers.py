@@ -25,7 +25,7 @@ import jwt
 
 from ambient_grpc_auth._clock import SYSTEM_CLOCK, Clock
 from ambient_grpc_auth.claims import RUNNER_TOKEN_USE, SESSION_ID_CLAIM, TOKEN_USE_CLAIM
-from ambient_grpc_auth.controlplane.signing import SigningKeySet, jwks
+from ambient_grpc_auth.controlplane.signing import SigningKey, SigningKeySet, jwks
 from ambient_grpc_auth.errors import AmbientAuthError, ConfigurationError
 
 __all__ = [
@@ -200,6 +200,9 @@ class JwtIssuer:
 
     def issue_now(self, session_id: str) -> IssuedToken:
         """Sign a token for ``session_id`` on the calling thread."""
+        return self._sign(session_id, self._keys().current)
+
+    def _sign(self, session_id: str, key: SigningKey) -> IssuedToken:
         now = int(self._clock.time())
         exp = now + int(self.ttl)
         claims: dict[str, Any] = {
@@ -213,7 +216,6 @@ class JwtIssuer:
         }
         if self.username is not None:
             claims[_USERNAME_CLAIM] = self.username
-        key = self._keys().current
         try:
             # A falsy typ makes PyJWT leave the header member out.
             token = jwt.encode(
@@ -227,13 +229,13 @@ class JwtIssuer:
         return IssuedToken(token=token, expires_at=datetime.fromtimestamp(exp, UTC))
 
     async def issue(self, session_id: str) -> IssuedToken:
-        # An RSA signature takes a millisecond or more: off the event loop. An
-        # ES256 or EdDSA one takes tens of microseconds, less than handing it
-        # to a thread and back costs, so it is made right here.
-        if self._executor is None or not self._keys().current.algorithm.startswith("RS"):
-            return self.issue_now(session_id)
+        # An RSA signature goes off the event loop; an ES256 or EdDSA one
+        # costs less than handing it to a thread and back, so it is made here.
+        key = self._keys().current
+        if self._executor is None or not key.signs_slowly:
+            return self._sign(session_id, key)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.issue_now, session_id)
+        return await loop.run_in_executor(self._executor, self._sign, session_id, key)
 
     def jwks(self) -> dict[str, Any]:
         """The JWK Set to publish now (a fresh dict each call)."""

@@ -152,6 +152,12 @@ class SigningKey:
         """The JWS algorithm this key signs with (from its type)."""
         return signing_algorithm_of(self.private_key)
 
+    @property
+    def signs_slowly(self) -> bool:
+        """True for an RSA key: a signature takes a millisecond or more, too
+        long for an event loop. ES256 and EdDSA sign in tens of microseconds."""
+        return isinstance(self.private_key, rsa.RSAPrivateKey)
+
     def public_jwk(self) -> dict[str, Any]:
         return public_jwk(self.private_key, self.kid)
 

@@ -23,10 +23,8 @@ from ambient_grpc_auth.principal import Principal
 
 __all__ = ["StreamLimiter", "StreamSlot"]
 
-_Key = tuple[str | None, str, str | None]
-#: The key of the anonymous caller; no principal has it (a username is never
-#: empty).
-_ANONYMOUS: _Key = (None, "", None)
+#: ``(issuer, username, session scope)``; ``None`` for the anonymous caller.
+_Key = tuple[str | None, str, str | None] | None
 
 
 class StreamSlot:
@@ -62,7 +60,7 @@ class StreamLimiter:
         """A slot for a new stream of ``principal`` (``None``: the anonymous
         caller), or ``None`` when a limit is reached."""
         key: _Key = (
-            _ANONYMOUS
+            None
             if principal is None
             else (principal.issuer, principal.username, principal.session_scope)
         )

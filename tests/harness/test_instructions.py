@@ -21,9 +21,10 @@ from bench.proc import child_env
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _spec(tmp_path: Path, identity: BenchIdentity) -> Path:
+def _spec(tmp_path: Path, identity: BenchIdentity, token: str = "") -> Path:
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"public_pem": identity.public_pem, "owners": {SESSION_ID: OWNER}}))
+    doc = {"public_pem": identity.public_pem, "owners": {SESSION_ID: OWNER}, "token": token}
+    spec.write_text(json.dumps(doc))
     return spec
 
 
@@ -32,12 +33,13 @@ def _spec(tmp_path: Path, identity: BenchIdentity) -> Path:
 def test_every_client_variant_talks_to_its_server(mode: str, variant: str, tmp_path: Path) -> None:
     identity = new_identity()
     token = mint_runner_token(identity, now=time.time())
+    spec = _spec(tmp_path, identity, token)
     server, port = instructions.start_server(
-        mode, instructions.server_variant_for(variant), _spec(tmp_path, identity), [sys.executable]
+        mode, instructions.server_variant_for(variant), spec, [sys.executable]
     )
     try:
         # Through a child, as the profiler runs it (there under valgrind).
-        args = ["call-many", mode, variant, str(port), token, "5"]
+        args = ["call-many", mode, variant, str(port), str(spec), "5"]
         done = subprocess.run(
             [sys.executable, "-m", "bench.child", *args],
             capture_output=True,
