@@ -5,7 +5,6 @@ stderr goes to a file, so that a test can read everything a process logged.
 
 from __future__ import annotations
 
-import resource
 import signal
 import subprocess
 import sys
@@ -14,6 +13,18 @@ from pathlib import Path
 from types import TracebackType
 
 CLI = [sys.executable, "-m", "ambient_grpc_auth"]
+
+# Lowers RLIMIT_NOFILE to argv[1], then execs argv[2:]. The limit is set in
+# the new program rather than by ``preexec_fn``: a fork of a process with live
+# gRPC threads runs gRPC's fork handlers, which restart a poller in the child;
+# subprocess then closes that poller's descriptor and the child aborts before
+# it reaches exec.
+_WITH_NOFILE = [
+    sys.executable,
+    "-c",
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])",
+]
 
 
 def run_cli(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -40,12 +51,10 @@ class TokenServerProcess:
         self.stderr_path = stderr_path
         self._stderr = stderr_path.open("wb")
 
-        def limit() -> None:
-            if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
+        limit = [] if nofile is None else [*_WITH_NOFILE, str(nofile)]
         self.proc = subprocess.Popen(
             [
+                *limit,
                 *CLI,
                 "--log-level",
                 log_level,
@@ -59,7 +68,6 @@ class TokenServerProcess:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
-            preexec_fn=limit,  # noqa: PLW1509 (no threads are started before it runs)
         )
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()))  # type: ignore[union-attr]
